@@ -1,0 +1,502 @@
+//! The planning core: from a batch of production changes and the staging documents they touch,
+//! decide what to write. Pure functions, no I/O — the engine fetches, this decides, `apply`
+//! writes. That split is what lets the property tests run the rules thousands of times.
+//!
+//! The rules (README, "How documents are matched and merged"):
+//! 1. an insert adopts a staging document with the same business key (live or soft-deleted),
+//!    else creates one;
+//! 2. an update/replace finds the staging document by the recorded production `_id`, else by
+//!    business key; production's fields win, staging-only and preserved fields stay;
+//! 3. a delete soft-deletes (or hard-deletes, or is ignored) the document with that production `_id`;
+//! 4. a change not newer than the document's recorded `ts` is skipped (replays are no-ops);
+//! 5. with last-write-wins, a newer staging edit keeps its values;
+//! 6. a change that would give a document another document's business key fails;
+//! 7. a document whose schema version is ahead of staging's fails.
+//!
+//! Within a batch the changes are applied, in order, to an in-memory copy of the staging
+//! documents; the batch then becomes one write per staging document (its final state), which is
+//! how coalescing falls out: insert + updates → one insert, insert + delete → one soft-deleted
+//! insert, and so on.
+
+mod merge;
+pub mod paths;
+
+use std::collections::HashMap;
+
+use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
+
+pub use merge::diff;
+pub use paths::{get_path, PathPatterns};
+
+use crate::config::{CollectionConfig, Conflict, DeleteMode, SyncSettings};
+use crate::source::change::{Change, Op};
+
+/// One collection's matching and merging rules, taken from the config.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub business_key: Vec<String>,
+    pub preserve: PathPatterns,
+    pub deletes: DeleteMode,
+    pub soft_delete_field: String,
+    pub deleted_at_field: String,
+    pub schema_guard: Option<(String, i64)>,
+    pub meta_field: String,
+    /// `Some(field)` with last-write-wins: the staging field holding the staging edit time.
+    pub staging_updated_field: Option<String>,
+}
+
+impl Rules {
+    pub fn new(sync: &SyncSettings, c: &CollectionConfig) -> Rules {
+        Rules {
+            business_key: c.business_key.clone(),
+            preserve: PathPatterns::new(&c.preserve),
+            deletes: c.deletes,
+            soft_delete_field: c.soft_delete_field.clone(),
+            deleted_at_field: c.deleted_at_field.clone(),
+            schema_guard: c.schema_version_field.clone().zip(c.max_schema_version),
+            meta_field: sync.metadata_field.clone(),
+            staging_updated_field: match sync.conflict {
+                Conflict::LastWriteWins => sync.staging_updated_field.clone(),
+                Conflict::ProductionWins => None,
+            },
+        }
+    }
+
+    /// The dotted path of a metadata sub-field, e.g. `_sync.id`.
+    pub fn meta_path(&self, sub: &str) -> String {
+        format!("{}.{sub}", self.meta_field)
+    }
+
+    /// The business key of a document, or the first key field it lacks.
+    pub fn key_of(&self, doc: &Document) -> Result<BusinessKey, String> {
+        let mut values = Vec::with_capacity(self.business_key.len());
+        for field in &self.business_key {
+            match get_path(doc, field) {
+                Some(Bson::Null) | None => return Err(field.clone()),
+                Some(v) => values.push(v.clone()),
+            }
+        }
+        Ok(BusinessKey(values))
+    }
+
+    /// The query that finds the staging documents a batch of changes may touch: by recorded
+    /// production `_id` and by business key. One query per batch and collection.
+    pub fn lookup_filter(&self, changes: &[Change]) -> Option<Document> {
+        let mut ids = Vec::new();
+        let mut keys = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for c in changes {
+            if seen.insert(canonical(&c.prod_id)) {
+                ids.push(c.prod_id.clone());
+            }
+            if let Some(Ok(k)) = c.doc.as_ref().map(|d| self.key_of(d)) {
+                if seen.insert(k.canonical()) {
+                    keys.push(k);
+                }
+            }
+        }
+        let mut branches = Vec::new();
+        if !ids.is_empty() {
+            branches.push(doc! { self.meta_path("id"): { "$in": ids } });
+        }
+        if self.business_key.len() == 1 && !keys.is_empty() {
+            let values: Vec<Bson> = keys.into_iter().map(|k| k.0.into_iter().next().unwrap_or(Bson::Null)).collect();
+            branches.push(doc! { &self.business_key[0]: { "$in": values } });
+        } else {
+            branches.extend(keys.iter().map(|k| k.filter(&self.business_key)));
+        }
+        match branches.len() {
+            0 => None,
+            1 => branches.pop(),
+            _ => Some(doc! { "$or": branches }),
+        }
+    }
+}
+
+/// The values of a document's business key fields, in configured order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusinessKey(pub Vec<Bson>);
+
+impl BusinessKey {
+    /// A byte string equal for equal keys (BSON of the values), usable as a map key.
+    pub fn canonical(&self) -> Vec<u8> {
+        let d: Document = self.0.iter().enumerate().map(|(i, v)| (i.to_string(), v.clone())).collect();
+        let mut out = vec![b'k'];
+        out.extend(mongodb::bson::to_vec(&d).unwrap_or_default());
+        out
+    }
+
+    pub fn filter(&self, fields: &[String]) -> Document {
+        fields.iter().cloned().zip(self.0.iter().cloned()).collect()
+    }
+
+    /// `field=value, …` for logs and dead letters (values are already masked where configured).
+    pub fn describe(&self, fields: &[String]) -> String {
+        fields
+            .iter()
+            .zip(&self.0)
+            .map(|(f, v)| format!("{f}={}", short(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn short(v: &Bson) -> String {
+    let s = match v {
+        Bson::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if s.chars().count() > 64 {
+        format!("{}…", s.chars().take(64).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// A byte string equal for equal BSON values (used to index `_id`s).
+pub fn canonical(v: &Bson) -> Vec<u8> {
+    let mut out = vec![b'i'];
+    out.extend(mongodb::bson::to_vec(&doc! { "v": v.clone() }).unwrap_or_default());
+    out
+}
+
+/// What became of one change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Applied,
+    Skipped(Skip),
+    Failed(Failed),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Not newer than what the staging document already reflects (a replay).
+    Stale,
+    /// A delete or update of a document staging never received.
+    Unknown,
+    /// An update whose document was deleted before it could be looked up.
+    NoFullDocument,
+    /// `deletes = "ignore"`.
+    DeleteIgnored,
+    /// Last-write-wins: the staging edit is newer.
+    StagingNewer,
+}
+
+impl Skip {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::Stale => "stale",
+            Skip::Unknown => "unknown_document",
+            Skip::NoFullDocument => "no_full_document",
+            Skip::DeleteIgnored => "delete_ignored",
+            Skip::StagingNewer => "staging_newer",
+        }
+    }
+}
+
+/// A change that cannot be applied as it is; it goes to the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    /// Stable machine-readable reason: `key_collision`, `schema_ahead`, `missing_key`, or a
+    /// staging error code name for failures found while writing.
+    pub code: String,
+    pub message: String,
+}
+
+impl Failed {
+    fn new(code: &str, message: String) -> Outcome {
+        Outcome::Failed(Failed { code: code.into(), message })
+    }
+}
+
+/// One write to staging: the final state of one staging document after the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    Insert(Document),
+    Update { id: Bson, set: Document, unset: Document },
+    Delete { id: Bson },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedWrite {
+    pub op: WriteOp,
+    /// Indices (into the batch) of the changes folded into this write.
+    pub changes: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub writes: Vec<PlannedWrite>,
+    /// One outcome per change of the batch, in order. `Applied` means "applied once the write
+    /// that carries it succeeds".
+    pub outcomes: Vec<Outcome>,
+}
+
+/// A staging document as the batch goes on.
+struct Slot {
+    original: Option<Document>,
+    current: Option<Document>,
+    changes: Vec<usize>,
+}
+
+/// In-memory staging state of one batch, indexed three ways.
+struct Working<'r> {
+    rules: &'r Rules,
+    slots: Vec<Slot>,
+    by_prod_id: HashMap<Vec<u8>, usize>,
+    by_key: HashMap<Vec<u8>, usize>,
+}
+
+impl<'r> Working<'r> {
+    fn new(rules: &'r Rules, existing: Vec<Document>) -> Working<'r> {
+        let mut w = Working { rules, slots: Vec::new(), by_prod_id: HashMap::new(), by_key: HashMap::new() };
+        for d in existing {
+            w.add(Some(d.clone()), d);
+        }
+        w
+    }
+
+    fn add(&mut self, original: Option<Document>, current: Document) -> usize {
+        let i = self.slots.len();
+        self.slots.push(Slot { original, current: Some(current), changes: vec![] });
+        self.index(i);
+        i
+    }
+
+    fn index(&mut self, i: usize) {
+        let Some(doc) = &self.slots[i].current else { return };
+        if let Some(id) = meta_of(doc, &self.rules.meta_field).and_then(|m| m.get("id")) {
+            self.by_prod_id.entry(canonical(id)).or_insert(i);
+        }
+        if let Ok(k) = self.rules.key_of(doc) {
+            self.by_key.entry(k.canonical()).or_insert(i);
+        }
+    }
+
+    fn unindex(&mut self, i: usize) {
+        self.by_prod_id.retain(|_, v| *v != i);
+        self.by_key.retain(|_, v| *v != i);
+    }
+
+    fn doc(&self, i: usize) -> &Document {
+        self.slots[i].current.as_ref().expect("located slots are live")
+    }
+
+    fn find_by_prod_id(&self, id: &Bson) -> Option<usize> {
+        self.by_prod_id.get(&canonical(id)).copied().filter(|&i| self.slots[i].current.is_some())
+    }
+
+    fn find_by_key(&self, key: &BusinessKey) -> Option<usize> {
+        self.by_key.get(&key.canonical()).copied().filter(|&i| self.slots[i].current.is_some())
+    }
+
+    fn is_soft_deleted(&self, i: usize) -> bool {
+        self.doc(i).get_bool(&self.rules.soft_delete_field).unwrap_or(false)
+    }
+
+    fn owner(&self, i: usize) -> Option<&Bson> {
+        meta_of(self.doc(i), &self.rules.meta_field).and_then(|m| m.get("id"))
+    }
+}
+
+/// The metadata sub-document of a staging document, if any.
+pub fn meta_of<'a>(doc: &'a Document, meta_field: &str) -> Option<&'a Document> {
+    doc.get_document(meta_field).ok()
+}
+
+fn ts_key(t: Timestamp) -> (u32, u32) {
+    (t.time, t.increment)
+}
+
+/// Plans one batch of one collection.
+///
+/// `existing` holds the staging documents found by [`Rules::lookup_filter`]; `now` stands in for
+/// a delete's wall time when production did not send one.
+pub fn plan_batch(rules: &Rules, changes: &[Change], existing: Vec<Document>, now: DateTime) -> Plan {
+    let mut w = Working::new(rules, existing);
+    let outcomes = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (outcome, slot) = plan_change(&mut w, c, now);
+            if let (Outcome::Applied, Some(s)) = (&outcome, slot) {
+                w.slots[s].changes.push(i);
+            }
+            outcome
+        })
+        .collect();
+    let writes = w
+        .slots
+        .into_iter()
+        .filter(|s| !s.changes.is_empty())
+        .filter_map(|s| {
+            let op = match (s.original, s.current) {
+                (None, Some(doc)) => WriteOp::Insert(doc),
+                (Some(before), Some(after)) => {
+                    let (set, unset) = diff(&before, &after);
+                    if set.is_empty() && unset.is_empty() {
+                        return None;
+                    }
+                    WriteOp::Update { id: before.get("_id").cloned().unwrap_or(Bson::Null), set, unset }
+                }
+                (Some(before), None) => WriteOp::Delete { id: before.get("_id").cloned().unwrap_or(Bson::Null) },
+                (None, None) => return None,
+            };
+            Some(PlannedWrite { op, changes: s.changes })
+        })
+        .collect();
+    Plan { writes, outcomes }
+}
+
+/// Applies one change to the working state; returns its outcome and the slot it changed.
+fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<usize>) {
+    let rules = w.rules;
+    if c.op == Op::Delete {
+        return plan_delete(w, c, now);
+    }
+    let Some(prod) = &c.doc else {
+        return (Outcome::Skipped(Skip::NoFullDocument), None);
+    };
+    if let Some((field, max)) = &rules.schema_guard {
+        if let Some(v) = get_path(prod, field).and_then(as_i64) {
+            if v > *max {
+                return (
+                    Failed::new("schema_ahead", format!("schema version {v} is ahead of staging's {max}")),
+                    None,
+                );
+            }
+        }
+    }
+    let key = match rules.key_of(prod) {
+        Ok(k) => k,
+        Err(field) => {
+            return (
+                Failed::new("missing_key", format!("the production document has no business key field `{field}`")),
+                None,
+            )
+        }
+    };
+    // Locate the staging document: inserts by business key first (adoption), updates by the
+    // recorded production `_id` first (so a business key change moves the same document).
+    let by_id = w.find_by_prod_id(&c.prod_id);
+    let by_key = w.find_by_key(&key);
+    let target = match c.op {
+        Op::Insert => by_key.or(by_id),
+        _ => by_id.or(by_key),
+    };
+    if let Some(t) = target {
+        if let Some(seen) = meta_of(w.doc(t), &rules.meta_field).and_then(|m| m.get_timestamp("ts").ok()) {
+            if ts_key(c.cluster_time) <= ts_key(seen) {
+                return (Outcome::Skipped(Skip::Stale), None);
+            }
+        }
+        // Adopting a document by key: refuse to take over one that belongs to another live
+        // production document (two production documents with one business key).
+        if Some(t) == by_key && Some(t) != by_id && !w.is_soft_deleted(t) {
+            if let Some(owner) = w.owner(t) {
+                if *owner != c.prod_id {
+                    return (collision(rules, &key, w.doc(t), false), None);
+                }
+            }
+        }
+        // Moving to a business key held by another staging document.
+        if let Some(other) = by_key.filter(|&o| o != t) {
+            let soft = w.is_soft_deleted(other);
+            return (collision(rules, &key, w.doc(other), soft), None);
+        }
+        if let Some(field) = &rules.staging_updated_field {
+            if let (Ok(edited), Some(change_time)) = (w.doc(t).get_datetime(field), c.wall_time) {
+                if *edited > change_time {
+                    return (Outcome::Skipped(Skip::StagingNewer), None);
+                }
+            }
+        }
+    }
+    let slot = match target {
+        Some(t) => t,
+        None => w.add(None, doc! { "_id": mongodb::bson::oid::ObjectId::new() }),
+    };
+    w.unindex(slot);
+    let staging = w.slots[slot].current.as_mut().expect("live slot");
+    merge_change(rules, staging, prod, c);
+    w.index(slot);
+    (Outcome::Applied, Some(slot))
+}
+
+fn collision(rules: &Rules, key: &BusinessKey, holder: &Document, soft_deleted: bool) -> Outcome {
+    let state = if soft_deleted { "soft-deleted" } else { "live" };
+    let id = holder.get("_id").map(short).unwrap_or_default();
+    Failed::new(
+        "key_collision",
+        format!(
+            "business key {} already belongs to {state} staging document _id {id}",
+            key.describe(&rules.business_key)
+        ),
+    )
+}
+
+/// Merges a production document into a staging document and records the metadata.
+fn merge_change(rules: &Rules, staging: &mut Document, prod: &Document, c: &Change) {
+    let prod_fields: Vec<String> = prod
+        .keys()
+        .filter(|k| *k != "_id" && **k != rules.meta_field)
+        .cloned()
+        .collect();
+    let previously: Vec<String> = meta_of(staging, &rules.meta_field)
+        .and_then(|m| m.get_array("fields").ok())
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    merge::merge_into(staging, prod, &prod_fields, &previously, &rules.preserve);
+    // Reviving: production has the document again, so the soft-delete marks go (unless
+    // production itself owns fields of those names).
+    for f in [&rules.soft_delete_field, &rules.deleted_at_field] {
+        if !prod_fields.contains(f) {
+            staging.remove(f);
+        }
+    }
+    staging.insert(
+        rules.meta_field.clone(),
+        doc! { "id": c.prod_id.clone(), "ts": c.cluster_time, "fields": prod_fields },
+    );
+}
+
+fn plan_delete(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<usize>) {
+    let rules = w.rules;
+    if rules.deletes == DeleteMode::Ignore {
+        return (Outcome::Skipped(Skip::DeleteIgnored), None);
+    }
+    let Some(t) = w.find_by_prod_id(&c.prod_id) else {
+        return (Outcome::Skipped(Skip::Unknown), None);
+    };
+    let meta = meta_of(w.doc(t), &rules.meta_field).cloned().unwrap_or_default();
+    if let Ok(seen) = meta.get_timestamp("ts") {
+        if ts_key(c.cluster_time) <= ts_key(seen) {
+            return (Outcome::Skipped(Skip::Stale), None);
+        }
+    }
+    match rules.deletes {
+        DeleteMode::Hard => {
+            w.unindex(t);
+            w.slots[t].current = None;
+        }
+        _ => {
+            let staging = w.slots[t].current.as_mut().expect("live slot");
+            staging.insert(rules.soft_delete_field.clone(), true);
+            staging.insert(rules.deleted_at_field.clone(), c.wall_time.unwrap_or(now));
+            let mut meta = meta;
+            meta.insert("ts", c.cluster_time);
+            staging.insert(rules.meta_field.clone(), meta);
+        }
+    }
+    (Outcome::Applied, Some(t))
+}
+
+fn as_i64(v: &Bson) -> Option<i64> {
+    match v {
+        Bson::Int32(n) => Some(*n as i64),
+        Bson::Int64(n) => Some(*n),
+        Bson::Double(f) if f.is_finite() => Some(f.ceil() as i64),
+        Bson::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}

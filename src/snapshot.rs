@@ -1,0 +1,287 @@
+//! Initial snapshot: copies a production collection into staging, then hands off to the change
+//! stream without a gap.
+//!
+//! 1. Read production's operation time `T` *before* copying.
+//! 2. Copy every document in `_id` order through the same path as live changes (masking,
+//!    business-key adoption, merge, metadata), each stamped with `T`. Progress (last `_id`) is
+//!    checkpointed, so a killed snapshot continues where it stopped.
+//! 3. Soft-delete staging documents that came from production but whose source is gone
+//!    (unless `--no-prune`); staging-only documents are never touched.
+//! 4. The change stream starts *at* `T`: a change made during the copy is applied — possibly on
+//!    top of a copy that already had it, which the order rule makes harmless — and never missed.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
+use mongodb::options::FindOptions;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Checkpoint;
+use crate::engine::CollectionSync;
+use crate::source::change::{Change, Op};
+
+/// Copies one collection. Returns the operation time the change stream must start at, or `None`
+/// when stopped part-way (progress is saved; the next run continues).
+pub async fn snapshot_collection(
+    cs: &CollectionSync,
+    shutdown: &CancellationToken,
+    prune: bool,
+) -> anyhow::Result<Option<Timestamp>> {
+    let _slot = cs.context().snapshot_slots.clone().acquire_owned().await?;
+    let previous = cs.context().checkpoints.load(&cs.name).await?.unwrap_or_default();
+    let (read_time, mut last_id, mut copied) = match previous.snapshot.as_ref() {
+        Some(s) if s.get_timestamp("readTime").is_ok() => (
+            s.get_timestamp("readTime")?,
+            s.get("lastId").cloned().filter(|v| *v != Bson::Null),
+            s.get_i64("copied").unwrap_or(0) as u64,
+        ),
+        _ => (cs.context().production_time().await?, None, 0),
+    };
+    if last_id.is_some() {
+        tracing::info!(collection = %cs.name, copied, "continuing an interrupted snapshot");
+    }
+    save_progress(cs, read_time, &last_id, copied, shutdown).await;
+    let total = cs.source.estimated_document_count().await.unwrap_or(0);
+    let progress = Progress::new(&cs.name, total, copied);
+
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<Change>>>(2);
+    let reader = tokio::spawn(read_documents(cs.clone(), read_time, last_id.clone(), tx, shutdown.clone()));
+    let mut stopped = false;
+    while let Some(batch) = rx.recv().await {
+        let changes = batch?;
+        if cs.apply_with_retry(&changes, shutdown).await.is_none() {
+            stopped = true;
+            break;
+        }
+        copied += changes.len() as u64;
+        last_id = changes.last().map(|c| c.prod_id.clone());
+        progress.set(copied);
+        save_progress(cs, read_time, &last_id, copied, shutdown).await;
+    }
+    reader.abort();
+    if stopped || shutdown.is_cancelled() {
+        progress.abandon();
+        return Ok(None);
+    }
+    progress.finish();
+    let pruned = if prune { prune_stale(cs, read_time, shutdown).await? } else { 0 };
+    tracing::info!(collection = %cs.name, copied, pruned, "snapshot complete; the change stream continues from the snapshot's start");
+    // The stream takes over at the read time; its first checkpoint replaces this one.
+    let handoff = Checkpoint { cluster_time: Some(read_time), ..Checkpoint::default() };
+    cs.save_checkpoint(&handoff, shutdown).await;
+    Ok(Some(read_time))
+}
+
+async fn save_progress(
+    cs: &CollectionSync,
+    read_time: Timestamp,
+    last_id: &Option<Bson>,
+    copied: u64,
+    shutdown: &CancellationToken,
+) {
+    let cp = Checkpoint {
+        snapshot: Some(doc! {
+            "readTime": read_time,
+            "lastId": last_id.clone().unwrap_or(Bson::Null),
+            "copied": copied as i64,
+        }),
+        ..Checkpoint::default()
+    };
+    cs.save_checkpoint(&cp, shutdown).await;
+}
+
+/// Reads production documents after `last_id` in `_id` order, masked, in batches.
+async fn read_documents(
+    cs: CollectionSync,
+    read_time: Timestamp,
+    last_id: Option<Bson>,
+    tx: mpsc::Sender<anyhow::Result<Vec<Change>>>,
+    shutdown: CancellationToken,
+) {
+    let batch_size = cs.context().config.sync.snapshot_batch_size;
+    let mut last_id = last_id;
+    let mut backoff = crate::retry::Backoff::default();
+    // A cursor broken by an outage is reopened after the last document read.
+    'reopen: loop {
+        let filter = match &last_id {
+            Some(id) => doc! { "_id": { "$gt": id.clone() } },
+            None => doc! {},
+        };
+        let options = FindOptions::builder()
+            .sort(doc! { "_id": 1 })
+            .batch_size(batch_size as u32)
+            .build();
+        let mut cursor = match cs.source.find(filter).with_options(options).await {
+            Ok(c) => c,
+            Err(e) => {
+                if crate::retry::classify(&e) != crate::retry::Failure::Transient {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+                tracing::warn!(collection = %cs.name, error = %e, "production unavailable during the snapshot; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue 'reopen;
+            }
+        };
+        let mut batch = Vec::with_capacity(batch_size);
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match cursor.try_next().await {
+                Ok(Some(mut doc)) => {
+                    cs.masker.mask_document(&mut doc);
+                    let wall = DateTime::from_millis(i64::from(read_time.time) * 1000);
+                    if let Some(change) = Change::from_snapshot(doc, read_time, wall) {
+                        last_id = Some(change.prod_id.clone());
+                        batch.push(change);
+                    }
+                    if batch.len() >= batch_size && tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    if !batch.is_empty() {
+                        let _ = tx.send(Ok(batch)).await;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if !batch.is_empty() && tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                        return;
+                    }
+                    if crate::retry::classify(&e) != crate::retry::Failure::Transient {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    tracing::warn!(collection = %cs.name, error = %e, "production cursor lost during the snapshot; reopening");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue 'reopen;
+                }
+            }
+        }
+    }
+}
+
+/// Deletes (per `deletes`) the staging documents from production whose source no longer exists.
+/// Candidates are documents the copy did not stamp (`ts` older than the read time) and not
+/// soft-deleted yet; each is checked against production before anything is written.
+async fn prune_stale(cs: &CollectionSync, read_time: Timestamp, shutdown: &CancellationToken) -> anyhow::Result<u64> {
+    let rules = &cs.rules;
+    let filter = doc! {
+        rules.meta_path("id"): { "$exists": true },
+        rules.meta_path("ts"): { "$lt": read_time },
+        &rules.soft_delete_field: { "$ne": true },
+    };
+    let projection = doc! { rules.meta_path("id"): 1 };
+    let candidates: Vec<Document> = cs
+        .staging
+        .find(filter)
+        .projection(projection)
+        .await?
+        .try_collect()
+        .await?;
+    let ids: Vec<Bson> = candidates
+        .iter()
+        .filter_map(|d| crate::plan::meta_of(d, &rules.meta_field).and_then(|m| m.get("id")).cloned())
+        .collect();
+    let mut pruned = 0;
+    for chunk in ids.chunks(1000) {
+        let present: Vec<Document> = cs
+            .source
+            .find(doc! { "_id": { "$in": chunk.to_vec() } })
+            .projection(doc! { "_id": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let present: std::collections::HashSet<Vec<u8>> = present
+            .iter()
+            .filter_map(|d| d.get("_id").map(crate::plan::canonical))
+            .collect();
+        let gone: Vec<Change> = chunk
+            .iter()
+            .filter(|id| !present.contains(&crate::plan::canonical(id)))
+            .map(|id| Change {
+                op: Op::Delete,
+                prod_id: id.clone(),
+                doc: None,
+                updated_fields: None,
+                removed_fields: vec![],
+                cluster_time: read_time,
+                wall_time: Some(DateTime::now()),
+            })
+            .collect();
+        if gone.is_empty() {
+            continue;
+        }
+        match cs.apply_with_retry(&gone, shutdown).await {
+            Some(report) => pruned += report.applied as u64,
+            None => break,
+        }
+    }
+    Ok(pruned)
+}
+
+/// A progress bar on a terminal; a log line every few seconds otherwise.
+struct Progress {
+    name: String,
+    bar: Option<ProgressBar>,
+    total: u64,
+    started: Instant,
+    last_log: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(name: &str, total: u64, done: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total.max(done));
+            bar.set_style(
+                ProgressStyle::with_template("{prefix:>16} [{bar:30}] {pos}/{len} docs {per_sec} ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(name.to_string());
+            bar.set_position(done);
+            bar
+        });
+        Progress {
+            name: name.to_string(),
+            bar,
+            total,
+            started: Instant::now(),
+            last_log: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    fn set(&self, done: u64) {
+        if let Some(bar) = &self.bar {
+            if done > bar.length().unwrap_or(0) {
+                bar.set_length(done);
+            }
+            bar.set_position(done);
+            return;
+        }
+        let mut last = self.last_log.lock().expect("not poisoned");
+        if last.elapsed() >= Duration::from_secs(5) {
+            *last = Instant::now();
+            let rate = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(collection = %self.name, copied = done, estimated_total = self.total, docs_per_sec = rate as u64, "snapshot in progress");
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+
+    fn abandon(&self) {
+        if let Some(bar) = &self.bar {
+            bar.abandon();
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Test fixture: a fresh pair of real servers (production and staging) per test.
+//!
+//! By default each pair is two SecantusDB processes on free ports with temporary storage
+//! (killed on drop, also when the test panics). With `STAGESYNC_TEST_PROD_URI` and
+//! `STAGESYNC_TEST_STAGING_URI` set, the suite runs against those servers instead (a real
+//! MongoDB replica set), each test in databases of its own.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use mongodb::{Client, Collection, Database};
+use stagesync::config::Config;
+use stagesync::localserver::{server_binary, LocalServer};
+use tokio_util::sync::CancellationToken;
+
+pub struct Pair {
+    pub prod_uri: String,
+    pub staging_uri: String,
+    pub prod_server: Option<LocalServer>,
+    pub staging_server: Option<LocalServer>,
+    /// Unique per test, so tests can share external servers.
+    pub tag: String,
+    pub dir: tempfile::TempDir,
+}
+
+fn unique_tag() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+impl Pair {
+    /// A pair for this test: external servers when the URI variables are set, else local ones.
+    pub fn start() -> Pair {
+        match (std::env::var("STAGESYNC_TEST_PROD_URI"), std::env::var("STAGESYNC_TEST_STAGING_URI")) {
+            (Ok(p), Ok(s)) => Pair {
+                prod_uri: p,
+                staging_uri: s,
+                prod_server: None,
+                staging_server: None,
+                tag: unique_tag(),
+                dir: tempfile::tempdir().unwrap(),
+            },
+            _ => Pair::start_local(&[]),
+        }
+    }
+
+    /// Always local processes (for tests that stop and restart servers).
+    pub fn start_local(extra_args: &[&str]) -> Pair {
+        let binary = server_binary(false).unwrap_or_else(|e| panic!("{e}"));
+        let prod = LocalServer::start(&binary, extra_args).unwrap_or_else(|e| panic!("starting production server: {e:#}"));
+        let staging = LocalServer::start(&binary, extra_args).unwrap_or_else(|e| panic!("starting staging server: {e:#}"));
+        Pair {
+            prod_uri: prod.uri(),
+            staging_uri: staging.uri(),
+            prod_server: Some(prod),
+            staging_server: Some(staging),
+            tag: unique_tag(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn prod_db_name(&self) -> String {
+        format!("prod_{}", self.tag)
+    }
+    pub fn staging_db_name(&self) -> String {
+        format!("staging_{}", self.tag)
+    }
+    pub fn meta_db_name(&self) -> String {
+        format!("stagesync_{}", self.tag)
+    }
+
+    pub async fn prod(&self) -> Database {
+        client(&self.prod_uri).await.database(&self.prod_db_name())
+    }
+    pub async fn staging(&self) -> Database {
+        client(&self.staging_uri).await.database(&self.staging_db_name())
+    }
+    pub async fn meta(&self) -> Database {
+        client(&self.staging_uri).await.database(&self.meta_db_name())
+    }
+
+    /// A complete config: `[source]`, `[target]`, `[sync]` (with `sync_extra` lines) and the
+    /// given `[[collections]]` / other tables.
+    pub fn config_text(&self, sync_extra: &str, rest: &str) -> String {
+        format!(
+            "[source]\nuri = \"{}\"\ndatabase = \"{}\"\n[target]\nuri = \"{}\"\ndatabase = \"{}\"\n\
+             [sync]\nname = \"test\"\nmetadata_database = \"{}\"\nwrite_concern = 1\ncheckpoint_interval = \"200ms\"\n{sync_extra}\n{rest}\n",
+            self.prod_uri,
+            self.prod_db_name(),
+            self.staging_uri,
+            self.staging_db_name(),
+            self.meta_db_name()
+        )
+    }
+
+    /// Writes a config file into the test's directory and loads it.
+    pub fn config(&self, sync_extra: &str, rest: &str) -> (PathBuf, Arc<Config>) {
+        let path = self.dir.path().join(format!("stagesync-{}.toml", unique_tag()));
+        std::fs::write(&path, self.config_text(sync_extra, rest)).unwrap();
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        (path, Arc::new(config))
+    }
+}
+
+pub async fn client(uri: &str) -> Client {
+    Client::with_uri_str(uri).await.expect("valid test URI")
+}
+
+/// The default collection config of the semantics tests.
+pub const ORDERS: &str = r#"
+[[collections]]
+name = "orders"
+business_key = ["userEmail", "accountId"]
+preserve = ["qa", "experiments.*"]
+"#;
+
+/// The stagesync engine running in this process until dropped or stopped.
+pub struct Engine {
+    pub stop: CancellationToken,
+    pub handle: Option<tokio::task::JoinHandle<Result<(), stagesync::engine::EngineError>>>,
+    pub ctx: stagesync::engine::Context,
+}
+
+impl Engine {
+    pub async fn start(config: Arc<Config>) -> Engine {
+        let ctx = stagesync::engine::Context::connect(config).await.unwrap();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(stagesync::engine::run(ctx.clone(), stop.clone()));
+        let engine = Engine { stop, handle: Some(handle), ctx };
+        // Streams are open once every collection has a checkpoint with a position.
+        let cfg = engine.ctx.config.clone();
+        eventually("every stream to open and checkpoint", Duration::from_secs(30), || async {
+            for c in &cfg.collections {
+                match engine.ctx.checkpoints.load(&c.name).await.unwrap() {
+                    Some(cp) if cp.token.is_some() && cp.snapshot.is_none() => {}
+                    _ => return false,
+                }
+            }
+            true
+        })
+        .await;
+        engine
+    }
+
+    pub async fn stop(mut self) -> Result<(), stagesync::engine::EngineError> {
+        self.stop.cancel();
+        let handle = self.handle.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), handle)
+            .await
+            .expect("the engine stops within 10 s")
+            .expect("engine task did not panic")
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Polls `condition` until it holds, failing the test with `what` after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn all_docs(coll: &Collection<Document>) -> Vec<Document> {
+    coll.find(doc! {}).sort(doc! { "_id": 1 }).await.unwrap().try_collect().await.unwrap()
+}
+
+pub async fn find_by(coll: &Collection<Document>, filter: Document) -> Vec<Document> {
+    coll.find(filter).await.unwrap().try_collect().await.unwrap()
+}
+
+/// Waits until exactly one staging document matches `filter` and satisfies `check`; returns it.
+pub async fn staging_doc_where(
+    coll: &Collection<Document>,
+    filter: Document,
+    what: &str,
+    check: impl Fn(&Document) -> bool,
+) -> Document {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let docs = find_by(coll, filter.clone()).await;
+        if docs.len() == 1 && check(&docs[0]) {
+            return docs.into_iter().next().unwrap();
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for the staging document {filter} to be {what}; staging has {docs:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
