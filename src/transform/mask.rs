@@ -653,110 +653,24 @@ fn feed_canonical(mac: &mut HmacSha256, value: &Bson) {
     }
 }
 
+#[rustfmt::skip]
 const FIRST_NAMES: &[&str] = &[
-    "James",
-    "Mary",
-    "John",
-    "Patricia",
-    "Robert",
-    "Jennifer",
-    "Michael",
-    "Linda",
-    "William",
-    "Elizabeth",
-    "David",
-    "Barbara",
-    "Richard",
-    "Susan",
-    "Joseph",
-    "Jessica",
-    "Thomas",
-    "Sarah",
-    "Charles",
-    "Karen",
-    "Daniel",
-    "Nancy",
-    "Matthew",
-    "Lisa",
-    "Anthony",
-    "Betty",
-    "Mark",
-    "Margaret",
-    "Paul",
-    "Sandra",
-    "Steven",
-    "Ashley",
-    "Andrew",
-    "Emily",
-    "Joshua",
-    "Donna",
-    "Kevin",
-    "Michelle",
-    "Brian",
-    "Carol",
-    "George",
-    "Amanda",
-    "Edward",
-    "Melissa",
-    "Ronald",
-    "Deborah",
-    "Timothy",
-    "Stephanie",
-    "Jason",
-    "Rebecca",
+    "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael", "Linda", "William",
+    "Elizabeth", "David", "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Thomas", "Sarah",
+    "Charles", "Karen", "Daniel", "Nancy", "Matthew", "Lisa", "Anthony", "Betty", "Mark",
+    "Margaret", "Paul", "Sandra", "Steven", "Ashley", "Andrew", "Emily", "Joshua", "Donna", "Kevin",
+    "Michelle", "Brian", "Carol", "George", "Amanda", "Edward", "Melissa", "Ronald", "Deborah",
+    "Timothy", "Stephanie", "Jason", "Rebecca",
 ];
 
+#[rustfmt::skip]
 const LAST_NAMES: &[&str] = &[
-    "Smith",
-    "Johnson",
-    "Williams",
-    "Brown",
-    "Jones",
-    "Garcia",
-    "Miller",
-    "Davis",
-    "Rodriguez",
-    "Martinez",
-    "Hernandez",
-    "Lopez",
-    "Gonzalez",
-    "Wilson",
-    "Anderson",
-    "Thomas",
-    "Taylor",
-    "Moore",
-    "Jackson",
-    "Martin",
-    "Lee",
-    "Perez",
-    "Thompson",
-    "White",
-    "Harris",
-    "Sanchez",
-    "Clark",
-    "Ramirez",
-    "Lewis",
-    "Robinson",
-    "Walker",
-    "Young",
-    "Allen",
-    "King",
-    "Wright",
-    "Scott",
-    "Torres",
-    "Nguyen",
-    "Hill",
-    "Flores",
-    "Green",
-    "Adams",
-    "Nelson",
-    "Baker",
-    "Hall",
-    "Rivera",
-    "Campbell",
-    "Mitchell",
-    "Carter",
-    "Roberts",
+    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez",
+    "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor", "Moore",
+    "Jackson", "Martin", "Lee", "Perez", "Thompson", "White", "Harris", "Sanchez", "Clark",
+    "Ramirez", "Lewis", "Robinson", "Walker", "Young", "Allen", "King", "Wright", "Scott", "Torres",
+    "Nguyen", "Hill", "Flores", "Green", "Adams", "Nelson", "Baker", "Hall", "Rivera", "Campbell",
+    "Mitchell", "Carter", "Roberts",
 ];
 
 #[cfg(test)]
@@ -901,7 +815,7 @@ mod tests {
         let d = masked(&m, doc! { "ssn": "123-45-6789", "other": "123-45-6789" });
         let got = string(d.get("ssn").unwrap());
         let mut mac = <HmacSha256 as Mac>::new_from_slice(KEY.as_bytes()).unwrap();
-        mac.update(b"hash\0123-45-6789");
+        mac.update(b"hash\x00123-45-6789");
         assert_eq!(got, hex::encode(mac.finalize().into_bytes()));
         assert!(is_hex64(got));
         assert_eq!(
@@ -1735,7 +1649,7 @@ mod tests {
         let m = Masker::new(None, &rules(&[("h", "hash")]));
         let got = mask_one(&m, "h", Bson::from("123"));
         let mut mac = <HmacSha256 as Mac>::new_from_slice(b"").unwrap();
-        mac.update(b"hash\0123");
+        mac.update(b"hash\x00123");
         assert!(is_hex64(string(&got)));
         assert_ne!(string(&got), hex::encode(mac.finalize().into_bytes()));
     }
