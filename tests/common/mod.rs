@@ -31,13 +31,20 @@ pub struct Pair {
 fn unique_tag() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 impl Pair {
     /// A pair for this test: external servers when the URI variables are set, else local ones.
     pub fn start() -> Pair {
-        match (std::env::var("STAGESYNC_TEST_PROD_URI"), std::env::var("STAGESYNC_TEST_STAGING_URI")) {
+        match (
+            std::env::var("STAGESYNC_TEST_PROD_URI"),
+            std::env::var("STAGESYNC_TEST_STAGING_URI"),
+        ) {
             (Ok(p), Ok(s)) => Pair {
                 prod_uri: p,
                 staging_uri: s,
@@ -53,8 +60,10 @@ impl Pair {
     /// Always local processes (for tests that stop and restart servers).
     pub fn start_local(extra_args: &[&str]) -> Pair {
         let binary = server_binary(false).unwrap_or_else(|e| panic!("{e}"));
-        let prod = LocalServer::start(&binary, extra_args).unwrap_or_else(|e| panic!("starting production server: {e:#}"));
-        let staging = LocalServer::start(&binary, extra_args).unwrap_or_else(|e| panic!("starting staging server: {e:#}"));
+        let prod = LocalServer::start(&binary, extra_args)
+            .unwrap_or_else(|e| panic!("starting production server: {e:#}"));
+        let staging = LocalServer::start(&binary, extra_args)
+            .unwrap_or_else(|e| panic!("starting staging server: {e:#}"));
         Pair {
             prod_uri: prod.uri(),
             staging_uri: staging.uri(),
@@ -79,10 +88,14 @@ impl Pair {
         client(&self.prod_uri).await.database(&self.prod_db_name())
     }
     pub async fn staging(&self) -> Database {
-        client(&self.staging_uri).await.database(&self.staging_db_name())
+        client(&self.staging_uri)
+            .await
+            .database(&self.staging_db_name())
     }
     pub async fn meta(&self) -> Database {
-        client(&self.staging_uri).await.database(&self.meta_db_name())
+        client(&self.staging_uri)
+            .await
+            .database(&self.meta_db_name())
     }
 
     /// A complete config: `[source]`, `[target]`, `[sync]` (with `sync_extra` lines) and the
@@ -101,7 +114,10 @@ impl Pair {
 
     /// Writes a config file into the test's directory and loads it.
     pub fn config(&self, sync_extra: &str, rest: &str) -> (PathBuf, Arc<Config>) {
-        let path = self.dir.path().join(format!("stagesync-{}.toml", unique_tag()));
+        let path = self
+            .dir
+            .path()
+            .join(format!("stagesync-{}.toml", unique_tag()));
         std::fs::write(&path, self.config_text(sync_extra, rest)).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         (path, Arc::new(config))
@@ -132,18 +148,26 @@ impl Engine {
         let ctx = stagesync::engine::Context::connect(config).await.unwrap();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(stagesync::engine::run(ctx.clone(), stop.clone()));
-        let engine = Engine { stop, handle: Some(handle), ctx };
+        let engine = Engine {
+            stop,
+            handle: Some(handle),
+            ctx,
+        };
         // Streams are open once every collection has a checkpoint with a position.
         let cfg = engine.ctx.config.clone();
-        eventually("every stream to open and checkpoint", Duration::from_secs(30), || async {
-            for c in &cfg.collections {
-                match engine.ctx.checkpoints.load(&c.name).await.unwrap() {
-                    Some(cp) if cp.token.is_some() && cp.snapshot.is_none() => {}
-                    _ => return false,
+        eventually(
+            "every stream to open and checkpoint",
+            Duration::from_secs(30),
+            || async {
+                for c in &cfg.collections {
+                    match engine.ctx.checkpoints.load(&c.name).await.unwrap() {
+                        Some(cp) if cp.token.is_some() && cp.snapshot.is_none() => {}
+                        _ => return false,
+                    }
                 }
-            }
-            true
-        })
+                true
+            },
+        )
         .await;
         engine
     }
@@ -183,11 +207,22 @@ where
 }
 
 pub async fn all_docs(coll: &Collection<Document>) -> Vec<Document> {
-    coll.find(doc! {}).sort(doc! { "_id": 1 }).await.unwrap().try_collect().await.unwrap()
+    coll.find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
 }
 
 pub async fn find_by(coll: &Collection<Document>, filter: Document) -> Vec<Document> {
-    coll.find(filter).await.unwrap().try_collect().await.unwrap()
+    coll.find(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
 }
 
 /// Waits until exactly one staging document matches `filter` and satisfies `check`; returns it.
@@ -207,5 +242,109 @@ pub async fn staging_doc_where(
             panic!("timed out waiting for the staging document {filter} to be {what}; staging has {docs:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `redis-server` process on a free port (Debian's `redis-server`), killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = stagesync::localserver::free_port().unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); install it with `bash scripts/setup.sh` (apt-get install redis-server)"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf)
+                        .map(|n| buf[..n].starts_with(b"+PONG"))
+                        .unwrap_or(false)
+                {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisServer { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `stagesync run -c FILE` as a child process (the real binary), its log in the test directory.
+pub struct RunProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl RunProcess {
+    pub fn start(config: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> RunProcess {
+        let log = dir.join(format!("run-{}.log", unique_tag()));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stagesync"))
+            .args(["run", "-c"])
+            .arg(config)
+            .args(["--log-format", "json"])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("the stagesync binary starts");
+        RunProcess { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status (waiting at most `within`).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait(within)
+    }
+
+    pub fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
