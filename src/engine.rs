@@ -249,10 +249,15 @@ impl CollectionSync {
         changes: &[Change],
         second_pass: Option<()>,
     ) -> mongodb::error::Result<(Vec<Outcome>, Vec<usize>)> {
-        let existing: Vec<Document> = match self.rules.lookup_filter(changes) {
+        let mut existing: Vec<Document> = match self.rules.id_filter(changes) {
             Some(filter) => self.staging.find(filter).await?.try_collect().await?,
             None => vec![],
         };
+        let keys = self.rules.keys_to_look_up(changes, &existing);
+        if let Some(filter) = self.rules.key_filter(&keys) {
+            let by_key: Vec<Document> = self.staging.find(filter).await?.try_collect().await?;
+            existing.extend(by_key);
+        }
         let plan = plan_batch(&self.rules, changes, existing, DateTime::now());
         let results = self.applier.apply(&plan.writes).await?;
         let mut outcomes = plan.outcomes;

@@ -79,37 +79,61 @@ impl Rules {
         Ok(BusinessKey(values))
     }
 
-    /// The query that finds the staging documents a batch of changes may touch: by recorded
-    /// production `_id` and by business key. One query per batch and collection.
-    pub fn lookup_filter(&self, changes: &[Change]) -> Option<Document> {
-        let mut ids = Vec::new();
-        let mut keys = Vec::new();
+    /// The first of two lookups per batch: the staging documents recorded as coming from the
+    /// batch's production `_id`s (`_sync.id $in [...]`).
+    pub fn id_filter(&self, changes: &[Change]) -> Option<Document> {
         let mut seen = std::collections::HashSet::new();
-        for c in changes {
-            if seen.insert(canonical(&c.prod_id)) {
-                ids.push(c.prod_id.clone());
-            }
-            if let Some(Ok(k)) = c.doc.as_ref().map(|d| self.key_of(d)) {
-                if seen.insert(k.canonical()) {
-                    keys.push(k);
-                }
-            }
+        let ids: Vec<Bson> = changes
+            .iter()
+            .filter(|c| seen.insert(canonical(&c.prod_id)))
+            .map(|c| c.prod_id.clone())
+            .collect();
+        (!ids.is_empty()).then(|| doc! { self.meta_path("id"): { "$in": ids } })
+    }
+
+    /// The business keys the batch needs looked up, given the documents found by `_id`: every
+    /// key of an insert (adoption), of a change whose `_id` staging does not know, or that
+    /// differs from the found document's key (a key change must check who holds the new key).
+    /// The common update that keeps its key needs no key lookup at all.
+    pub fn keys_to_look_up(&self, changes: &[Change], found_by_id: &[Document]) -> Vec<BusinessKey> {
+        let known: HashMap<Vec<u8>, Option<Vec<u8>>> = found_by_id
+            .iter()
+            .filter_map(|d| {
+                let id = meta_of(d, &self.meta_field)?.get("id")?;
+                Some((canonical(id), self.key_of(d).ok().map(|k| k.canonical())))
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        changes
+            .iter()
+            .filter_map(|c| {
+                let key = self.key_of(c.doc.as_ref()?).ok()?;
+                let canonical_key = key.canonical();
+                let settled = c.op != Op::Insert
+                    && known.get(&canonical(&c.prod_id)).is_some_and(|k| k.as_ref() == Some(&canonical_key));
+                (!settled && seen.insert(canonical_key)).then_some(key)
+            })
+            .collect()
+    }
+
+    /// The second lookup: staging documents holding any of `keys`. Each key field is matched
+    /// with `$in` (one index range scan on the unique key index instead of one `$or` branch per
+    /// key); the result may hold extra documents, which the planner simply does not touch.
+    pub fn key_filter(&self, keys: &[BusinessKey]) -> Option<Document> {
+        if keys.is_empty() {
+            return None;
         }
-        let mut branches = Vec::new();
-        if !ids.is_empty() {
-            branches.push(doc! { self.meta_path("id"): { "$in": ids } });
+        let mut filter = Document::new();
+        for (i, field) in self.business_key.iter().enumerate() {
+            let mut seen = std::collections::HashSet::new();
+            let values: Vec<Bson> = keys
+                .iter()
+                .map(|k| k.0[i].clone())
+                .filter(|v| seen.insert(canonical(v)))
+                .collect();
+            filter.insert(field.clone(), doc! { "$in": values });
         }
-        if self.business_key.len() == 1 && !keys.is_empty() {
-            let values: Vec<Bson> = keys.into_iter().map(|k| k.0.into_iter().next().unwrap_or(Bson::Null)).collect();
-            branches.push(doc! { &self.business_key[0]: { "$in": values } });
-        } else {
-            branches.extend(keys.iter().map(|k| k.filter(&self.business_key)));
-        }
-        match branches.len() {
-            0 => None,
-            1 => branches.pop(),
-            _ => Some(doc! { "$or": branches }),
-        }
+        Some(filter)
     }
 }
 
@@ -250,8 +274,11 @@ struct Working<'r> {
 impl<'r> Working<'r> {
     fn new(rules: &'r Rules, existing: Vec<Document>) -> Working<'r> {
         let mut w = Working { rules, slots: Vec::new(), by_prod_id: HashMap::new(), by_key: HashMap::new() };
+        let mut seen = std::collections::HashSet::new();
         for d in existing {
-            w.add(Some(d.clone()), d);
+            if seen.insert(d.get("_id").map(canonical)) {
+                w.add(Some(d.clone()), d);
+            }
         }
         w
     }
@@ -310,7 +337,8 @@ fn ts_key(t: Timestamp) -> (u32, u32) {
 
 /// Plans one batch of one collection.
 ///
-/// `existing` holds the staging documents found by [`Rules::lookup_filter`]; `now` stands in for
+/// `existing` holds the staging documents found by [`Rules::id_filter`] and
+/// [`Rules::key_filter`] (duplicates are fine); `now` stands in for
 /// a delete's wall time when production did not send one.
 pub fn plan_batch(rules: &Rules, changes: &[Change], existing: Vec<Document>, now: DateTime) -> Plan {
     let mut w = Working::new(rules, existing);

@@ -59,7 +59,7 @@ impl Pair {
 
     /// Always local processes (for tests that stop and restart servers).
     pub fn start_local(extra_args: &[&str]) -> Pair {
-        let binary = server_binary(false).unwrap_or_else(|e| panic!("{e}"));
+        let binary = server_binary(true).unwrap_or_else(|e| panic!("{e}"));
         let prod = LocalServer::start(&binary, extra_args)
             .unwrap_or_else(|e| panic!("starting production server: {e:#}"));
         let staging = LocalServer::start(&binary, extra_args)
