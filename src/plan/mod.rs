@@ -290,10 +290,34 @@ impl<'r> Working<'r> {
         i
     }
 
+    /// Indexes slot `i`. Two staging documents can claim one production `_id` (a re-inserted
+    /// document adopting another's soft-deleted twin by key); the most recently synced claim
+    /// wins, so the outcome does not depend on the order documents were fetched in.
     fn index(&mut self, i: usize) {
         let Some(doc) = &self.slots[i].current else { return };
-        if let Some(id) = meta_of(doc, &self.rules.meta_field).and_then(|m| m.get("id")) {
-            self.by_prod_id.entry(canonical(id)).or_insert(i);
+        let meta = meta_of(doc, &self.rules.meta_field);
+        if let Some(id) = meta.and_then(|m| m.get("id")) {
+            let ts = meta.and_then(|m| m.get_timestamp("ts").ok()).map(ts_key);
+            let slots = &self.slots;
+            let meta_field = &self.rules.meta_field;
+            let claim_ts = |j: usize| {
+                slots[j]
+                    .current
+                    .as_ref()
+                    .and_then(|d| meta_of(d, meta_field))
+                    .and_then(|m| m.get_timestamp("ts").ok())
+                    .map(ts_key)
+            };
+            match self.by_prod_id.entry(canonical(id)) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(i);
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    if ts >= claim_ts(*e.get()) {
+                        e.insert(i);
+                    }
+                }
+            }
         }
         if let Ok(k) = self.rules.key_of(doc) {
             self.by_key.entry(k.canonical()).or_insert(i);
@@ -528,3 +552,6 @@ fn as_i64(v: &Bson) -> Option<i64> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests;
