@@ -1,10 +1,335 @@
-//! `stagesync verify`: compares production (after masking) with staging by business key.
+//! `stagesync verify`: does staging hold what the rules say it should, given production now?
+//!
+//! Per collection, in bounded memory (chunks of production read in `_id` order, each matched to
+//! staging with the engine's own lookups, then chunks of staging read the same way):
+//! - production documents missing in staging (or only present soft-deleted);
+//! - staging documents whose production-owned fields differ — decided by asking the merge itself
+//!   "would syncing this production document change the staging one?", so staging-only and
+//!   preserved fields never count as drift;
+//! - staging documents from production whose source is gone but that are not (soft-)deleted;
+//! - soft-deleted staging documents whose source still exists;
+//! - duplicate business keys.
+//!
+//! Production documents are masked before comparing, and reports carry business keys (masked
+//! where configured) and field names — never field values.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::cli::Exit;
-use crate::config::Config;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
+use mongodb::options::FindOptions;
+use serde::Serialize;
 
-pub async fn command(_config: Arc<Config>, _collections: &[String], _sample: Option<u64>, _json: bool) -> Result<i32, Exit> {
-    Err(Exit::usage("verify is not implemented yet"))
+use crate::cli::Exit;
+use crate::config::{Config, DeleteMode};
+use crate::engine::{CollectionSync, Context};
+use crate::plan::{canonical, meta_of, plan_batch, Outcome, WriteOp};
+use crate::source::change::Change;
+
+const CHUNK: usize = 1000;
+/// Examples per kind kept in human output (JSON keeps all).
+const EXAMPLES: usize = 5;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Drift {
+    pub business_key: String,
+    pub production_id: Option<String>,
+    pub staging_id: Option<String>,
+    /// Field names only, never values.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
+    /// Why the sync cannot apply this document (e.g. `key_collision`), when that is the cause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct CollectionReport {
+    pub collection: String,
+    pub production_checked: u64,
+    pub staging_checked: u64,
+    pub sampled: bool,
+    pub missing: Vec<Drift>,
+    pub differing: Vec<Drift>,
+    pub stale_not_deleted: Vec<Drift>,
+    pub deleted_but_present: Vec<Drift>,
+    pub duplicate_keys: Vec<Drift>,
+}
+
+impl CollectionReport {
+    pub fn drift_count(&self) -> usize {
+        self.missing.len()
+            + self.differing.len()
+            + self.stale_not_deleted.len()
+            + self.deleted_but_present.len()
+            + self.duplicate_keys.len()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub in_sync: bool,
+    pub collections: Vec<CollectionReport>,
+}
+
+pub async fn command(config: Arc<Config>, names: &[String], sample: Option<u64>, json: bool) -> Result<i32, Exit> {
+    for n in names {
+        if config.collection(n).is_none() {
+            return Err(Exit::usage(format!("collection `{n}` is not configured")));
+        }
+    }
+    let ctx = Context::connect(config.clone()).await?;
+    let mut collections = Vec::new();
+    for c in config.collections.iter().filter(|c| names.is_empty() || names.contains(&c.name)) {
+        let cs = ctx.collection_sync(c);
+        let report = verify_collection(&cs, sample)
+            .await
+            .map_err(|e| Exit::usage(format!("verifying `{}`: {e:#}", c.name)))?;
+        collections.push(report);
+    }
+    let report = Report { in_sync: collections.iter().all(|c| c.drift_count() == 0), collections };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print_human(&report);
+    }
+    Ok(if report.in_sync { 0 } else { 1 })
+}
+
+fn print_human(report: &Report) {
+    println!(
+        "{:<18} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
+        "collection", "production", "staging", "missing", "differ", "stale", "deleted*", "dup keys"
+    );
+    for c in &report.collections {
+        println!(
+            "{:<18} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
+            c.collection,
+            c.production_checked,
+            if c.sampled { "-".to_string() } else { c.staging_checked.to_string() },
+            c.missing.len(),
+            c.differing.len(),
+            c.stale_not_deleted.len(),
+            c.deleted_but_present.len(),
+            c.duplicate_keys.len()
+        );
+    }
+    println!("(deleted* = soft-deleted in staging although production still has the document)");
+    for c in &report.collections {
+        let kinds: [(&str, &Vec<Drift>); 5] = [
+            ("missing in staging", &c.missing),
+            ("production-owned fields differ", &c.differing),
+            ("source gone, not deleted", &c.stale_not_deleted),
+            ("soft-deleted, source exists", &c.deleted_but_present),
+            ("duplicate business key", &c.duplicate_keys),
+        ];
+        for (label, items) in kinds {
+            for d in items.iter().take(EXAMPLES) {
+                let mut fields = if d.fields.is_empty() { String::new() } else { format!(" fields: {}", d.fields.join(", ")) };
+                if let Some(r) = &d.reason {
+                    fields.push_str(&format!(" (cannot be applied: {r})"));
+                }
+                println!(
+                    "  {}: {label}: {}{}{}",
+                    c.collection,
+                    d.business_key,
+                    d.production_id.as_ref().map(|p| format!(" (production _id {p})")).unwrap_or_default(),
+                    fields
+                );
+            }
+            if items.len() > EXAMPLES {
+                println!("  {}: {label}: … and {} more (use --json for all)", c.collection, items.len() - EXAMPLES);
+            }
+        }
+    }
+    if report.in_sync {
+        println!("in sync");
+    } else {
+        println!("DRIFT found");
+    }
+}
+
+fn id_text(v: Option<&Bson>) -> Option<String> {
+    v.map(|v| match v {
+        Bson::String(s) => s.clone(),
+        Bson::ObjectId(o) => o.to_hex(),
+        other => other.to_string(),
+    })
+}
+
+pub async fn verify_collection(cs: &CollectionSync, sample: Option<u64>) -> anyhow::Result<CollectionReport> {
+    let rules = &cs.rules;
+    let mut report = CollectionReport { collection: cs.name.clone(), sampled: sample.is_some(), ..Default::default() };
+    // The comparison stamps production documents as "newer than anything", so the merge's order
+    // rule never hides a difference.
+    let far_future = Timestamp { time: u32::MAX, increment: u32::MAX };
+    let now = DateTime::now();
+
+    // Pass 1: production → staging.
+    let mut cursor = match sample {
+        Some(n) => cs.source.aggregate(vec![doc! { "$sample": { "size": n as i64 } }]).await?,
+        None => {
+            let options = FindOptions::builder().sort(doc! { "_id": 1 }).batch_size(CHUNK as u32).build();
+            cs.source.find(doc! {}).with_options(options).await?
+        }
+    };
+    let mut chunk: Vec<Change> = Vec::with_capacity(CHUNK);
+    loop {
+        let next = cursor.try_next().await?;
+        let done = next.is_none();
+        if let Some(mut d) = next {
+            cs.masker.mask_document(&mut d);
+            if let Some(c) = Change::from_snapshot(d, far_future, now) {
+                chunk.push(c);
+            }
+        }
+        if chunk.len() >= CHUNK || (done && !chunk.is_empty()) {
+            report.production_checked += chunk.len() as u64;
+            compare_production_chunk(cs, &std::mem::take(&mut chunk), &mut report).await?;
+        }
+        if done {
+            break;
+        }
+    }
+    if sample.is_some() {
+        return Ok(report);
+    }
+
+    // Pass 2: staging documents that came from production → does their source still exist?
+    let options = FindOptions::builder().sort(doc! { "_id": 1 }).batch_size(CHUNK as u32).build();
+    let mut staging = cs
+        .staging
+        .find(doc! { rules.meta_path("id"): { "$exists": true } })
+        .with_options(options)
+        .await?;
+    let mut chunk: Vec<Document> = Vec::with_capacity(CHUNK);
+    loop {
+        let next = staging.try_next().await?;
+        let done = next.is_none();
+        if let Some(d) = next {
+            chunk.push(d);
+        }
+        if chunk.len() >= CHUNK || (done && !chunk.is_empty()) {
+            report.staging_checked += chunk.len() as u64;
+            compare_staging_chunk(cs, &std::mem::take(&mut chunk), &mut report).await?;
+        }
+        if done {
+            break;
+        }
+    }
+
+    // Duplicate business keys, counted by the server.
+    let group_id: Document = rules.business_key.iter().map(|f| (f.replace('.', "_"), Bson::String(format!("${f}")))).collect();
+    let present: Document = rules.business_key.iter().map(|f| (f.clone(), Bson::Document(doc! { "$exists": true }))).collect();
+    let mut dups = cs
+        .staging
+        .aggregate(vec![
+            doc! { "$match": present },
+            doc! { "$group": { "_id": group_id, "n": { "$sum": 1 } } },
+            doc! { "$match": { "n": { "$gt": 1 } } },
+        ])
+        .await?;
+    while let Some(g) = dups.try_next().await? {
+        let key = g.get_document("_id").map(|k| k.iter().map(|(f, v)| format!("{f}={v}")).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+        report.duplicate_keys.push(Drift { business_key: key, fields: vec![format!("{} documents", g.get_i32("n").map(i64::from).or_else(|_| g.get_i64("n")).unwrap_or(0))], ..Default::default() });
+    }
+    Ok(report)
+}
+
+/// Plans the chunk exactly as the engine would; any write it would make is drift.
+async fn compare_production_chunk(cs: &CollectionSync, changes: &[Change], report: &mut CollectionReport) -> anyhow::Result<()> {
+    let rules = &cs.rules;
+    let mut existing: Vec<Document> = match rules.id_filter(changes) {
+        Some(f) => cs.staging.find(f).await?.try_collect().await?,
+        None => vec![],
+    };
+    let keys = rules.keys_to_look_up(changes, &existing);
+    if let Some(f) = rules.key_filter(&keys) {
+        existing.extend(cs.staging.find(f).await?.try_collect::<Vec<_>>().await?);
+    }
+    let by_id: HashMap<Vec<u8>, Document> = existing
+        .iter()
+        .filter_map(|d| Some((canonical(d.get("_id")?), d.clone())))
+        .collect();
+    let plan = plan_batch(rules, changes, existing, DateTime::now());
+    for (c, outcome) in changes.iter().zip(&plan.outcomes) {
+        if let Outcome::Failed(f) = outcome {
+            let key = c.doc.as_ref().and_then(|d| rules.key_of(d).ok()).map(|k| k.describe(&rules.business_key));
+            report.missing.push(Drift {
+                business_key: key.unwrap_or_else(|| "-".into()),
+                production_id: id_text(Some(&c.prod_id)),
+                reason: Some(f.code.clone()),
+                ..Default::default()
+            });
+        }
+    }
+    for w in &plan.writes {
+        let c = &changes[w.changes[0]];
+        let key = c
+            .doc
+            .as_ref()
+            .and_then(|d| rules.key_of(d).ok())
+            .map(|k| k.describe(&rules.business_key))
+            .unwrap_or_else(|| "-".into());
+        let production_id = id_text(Some(&c.prod_id));
+        match &w.op {
+            WriteOp::Insert(_) => report.missing.push(Drift { business_key: key, production_id, ..Default::default() }),
+            WriteOp::Update { id, set, unset } => {
+                let before = by_id.get(&canonical(id));
+                let was_deleted = before.map(|d| d.get_bool(&rules.soft_delete_field) == Ok(true)).unwrap_or(false);
+                let fields: BTreeSet<String> = set
+                    .keys()
+                    .chain(unset.keys())
+                    .map(|p| p.split('.').next().unwrap_or(p).to_string())
+                    .filter(|f| *f != rules.meta_field)
+                    .collect();
+                let drift = Drift { business_key: key, production_id, staging_id: id_text(Some(id)), fields: fields.into_iter().collect(), reason: None };
+                if was_deleted {
+                    report.deleted_but_present.push(drift);
+                } else if !drift.fields.is_empty() {
+                    report.differing.push(drift);
+                }
+                // Otherwise only stagesync's metadata would change: not drift in the data.
+            }
+            WriteOp::Delete { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Staging documents from production whose production `_id` is gone must be deleted as configured.
+async fn compare_staging_chunk(cs: &CollectionSync, docs: &[Document], report: &mut CollectionReport) -> anyhow::Result<()> {
+    let rules = &cs.rules;
+    if rules.deletes == DeleteMode::Ignore {
+        return Ok(());
+    }
+    let ids: Vec<Bson> = docs
+        .iter()
+        .filter_map(|d| meta_of(d, &rules.meta_field).and_then(|m| m.get("id")).cloned())
+        .collect();
+    let present: HashSet<Vec<u8>> = cs
+        .source
+        .find(doc! { "_id": { "$in": ids } })
+        .projection(doc! { "_id": 1 })
+        .await?
+        .try_collect::<Vec<Document>>()
+        .await?
+        .iter()
+        .filter_map(|d| d.get("_id").map(canonical))
+        .collect();
+    for d in docs {
+        let Some(id) = meta_of(d, &rules.meta_field).and_then(|m| m.get("id")) else { continue };
+        let deleted = d.get_bool(&rules.soft_delete_field) == Ok(true);
+        if !present.contains(&canonical(id)) && !deleted {
+            let key = rules.key_of(d).map(|k| k.describe(&rules.business_key)).unwrap_or_else(|_| "-".into());
+            report.stale_not_deleted.push(Drift {
+                business_key: key,
+                production_id: id_text(Some(id)),
+                staging_id: id_text(d.get("_id")),
+                ..Default::default()
+            });
+        }
+    }
+    Ok(())
 }

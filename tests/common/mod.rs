@@ -302,9 +302,18 @@ pub struct RunProcess {
 
 impl RunProcess {
     pub fn start(config: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> RunProcess {
-        let log = dir.join(format!("run-{}.log", unique_tag()));
+        RunProcess::spawn("run", config, dir, extra)
+    }
+
+    /// Another subcommand taking `-c FILE` (e.g. `snapshot`).
+    pub fn start_command(command: &str, config: &std::path::Path, dir: &std::path::Path) -> RunProcess {
+        RunProcess::spawn(command, config, dir, &[])
+    }
+
+    fn spawn(command: &str, config: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> RunProcess {
+        let log = dir.join(format!("{command}-{}.log", unique_tag()));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_stagesync"))
-            .args(["run", "-c"])
+            .args([command, "-c"])
             .arg(config)
             .args(["--log-format", "json"])
             .args(extra)
