@@ -28,7 +28,10 @@ const RATE_LIMITED_CHUNK: u32 = 100;
 pub enum WriteResult {
     Done,
     /// Refused by staging for this document only (duplicate key, validation, too large, ...).
-    Refused { code: i32, message: String },
+    Refused {
+        code: i32,
+        message: String,
+    },
 }
 
 impl WriteResult {
@@ -86,7 +89,9 @@ impl Applier {
     /// the concurrency.
     fn chunks(&self, writes: &[PlannedWrite]) -> Vec<Vec<usize>> {
         let per_kind = |kind: u8| -> Vec<usize> {
-            (0..writes.len()).filter(|&i| kind_of(&writes[i].op) == kind).collect()
+            (0..writes.len())
+                .filter(|&i| kind_of(&writes[i].op) == kind)
+                .collect()
         };
         let mut chunks = Vec::new();
         for kind in 0..3u8 {
@@ -104,7 +109,8 @@ impl Applier {
             let mut bytes = 0usize;
             for i in idx {
                 let size = approx_size(&writes[i].op);
-                if !current.is_empty() && (current.len() >= cap || bytes + size > MAX_COMMAND_BYTES) {
+                if !current.is_empty() && (current.len() >= cap || bytes + size > MAX_COMMAND_BYTES)
+                {
                     chunks.push(std::mem::take(&mut current));
                     bytes = 0;
                 }
@@ -169,7 +175,8 @@ impl Applier {
                 wce.get_str("errmsg").unwrap_or("")
             )));
         }
-        let mut out: Vec<(usize, WriteResult)> = chunk.iter().map(|&i| (i, WriteResult::Done)).collect();
+        let mut out: Vec<(usize, WriteResult)> =
+            chunk.iter().map(|&i| (i, WriteResult::Done)).collect();
         if let Ok(errors) = reply.get_array("writeErrors") {
             for e in errors.iter().filter_map(|e| e.as_document()) {
                 let index = e.get_i32("index").map(|i| i as usize).unwrap_or(usize::MAX);
@@ -222,15 +229,23 @@ impl WriteLimiter {
     pub fn new(per_second: u32) -> Option<Arc<WriteLimiter>> {
         let rate = NonZeroU32::new(per_second)?;
         let burst = (per_second / 10).clamp(1, RATE_LIMITED_CHUNK);
-        let quota = Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).expect("clamped to ≥ 1"));
-        Some(Arc::new(WriteLimiter { bucket: RateLimiter::direct(quota), burst }))
+        let quota =
+            Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).expect("clamped to ≥ 1"));
+        Some(Arc::new(WriteLimiter {
+            bucket: RateLimiter::direct(quota),
+            burst,
+        }))
     }
 }
 
 /// The indexes stagesync needs on a staging collection: a unique compound index on the business
 /// key (partial: only documents that have every key field) and one on the recorded production `_id`.
 pub fn index_specs(rules: &Rules) -> Vec<Document> {
-    let key: Document = rules.business_key.iter().map(|f| (f.clone(), Bson::Int32(1))).collect();
+    let key: Document = rules
+        .business_key
+        .iter()
+        .map(|f| (f.clone(), Bson::Int32(1)))
+        .collect();
     let partial: Document = rules
         .business_key
         .iter()

@@ -30,7 +30,9 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn resume_token(&self) -> Option<ResumeToken> {
-        self.token.clone().and_then(|t| mongodb::bson::from_bson(t).ok())
+        self.token
+            .clone()
+            .and_then(|t| mongodb::bson::from_bson(t).ok())
     }
 
     pub fn with_token(mut self, token: &ResumeToken) -> Checkpoint {
@@ -46,10 +48,18 @@ impl Checkpoint {
             }
         };
         opt(&mut d, "token", self.token.clone());
-        opt(&mut d, "clusterTime", self.cluster_time.map(Bson::Timestamp));
+        opt(
+            &mut d,
+            "clusterTime",
+            self.cluster_time.map(Bson::Timestamp),
+        );
         opt(&mut d, "wallTime", self.wall_time.map(Bson::DateTime));
         opt(&mut d, "savedAt", Some(Bson::DateTime(DateTime::now())));
-        opt(&mut d, "snapshot", self.snapshot.clone().map(Bson::Document));
+        opt(
+            &mut d,
+            "snapshot",
+            self.snapshot.clone().map(Bson::Document),
+        );
         d
     }
 
@@ -71,7 +81,10 @@ fn stream_id(sync: &str, stream: &str) -> String {
 #[derive(Clone)]
 enum Backend {
     Mongo(Collection<Document>),
-    Redis { conn: redis::aio::MultiplexedConnection, prefix: String },
+    Redis {
+        conn: redis::aio::MultiplexedConnection,
+        prefix: String,
+    },
 }
 
 /// Checkpoints of one sync, in MongoDB (the target's metadata database) or Redis.
@@ -88,13 +101,17 @@ impl CheckpointStore {
             CheckpointStoreKind::Mongodb => Backend::Mongo(metadata.collection("checkpoints")),
             CheckpointStoreKind::Redis => {
                 let url = config.checkpoint.url.as_deref().unwrap_or_default();
-                let client = redis::Client::open(url)
-                    .map_err(|e| anyhow::anyhow!("`checkpoint.url` is not a usable Redis URL: {e}"))?;
+                let client = redis::Client::open(url).map_err(|e| {
+                    anyhow::anyhow!("`checkpoint.url` is not a usable Redis URL: {e}")
+                })?;
                 let conn = client
                     .get_multiplexed_async_connection()
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot reach the Redis checkpoint store: {e}"))?;
-                Backend::Redis { conn, prefix: "stagesync:checkpoint:".into() }
+                Backend::Redis {
+                    conn,
+                    prefix: "stagesync:checkpoint:".into(),
+                }
             }
         };
         Ok(CheckpointStore { sync, backend })
@@ -103,7 +120,10 @@ impl CheckpointStore {
     pub async fn load(&self, stream: &str) -> anyhow::Result<Option<Checkpoint>> {
         let id = stream_id(&self.sync, stream);
         match &self.backend {
-            Backend::Mongo(c) => Ok(c.find_one(doc! { "_id": &id }).await?.map(|d| Checkpoint::from_document(&d))),
+            Backend::Mongo(c) => Ok(c
+                .find_one(doc! { "_id": &id })
+                .await?
+                .map(|d| Checkpoint::from_document(&d))),
             Backend::Redis { conn, prefix } => {
                 let bytes: Option<Vec<u8>> = conn.clone().get(format!("{prefix}{id}")).await?;
                 match bytes {
@@ -130,7 +150,10 @@ impl CheckpointStore {
             Backend::Redis { conn, prefix } => {
                 let mut bytes = Vec::new();
                 d.to_writer(&mut bytes)?;
-                let _: () = conn.clone().set(format!("{prefix}{}", stream_id(&self.sync, stream)), bytes).await?;
+                let _: () = conn
+                    .clone()
+                    .set(format!("{prefix}{}", stream_id(&self.sync, stream)), bytes)
+                    .await?;
             }
         }
         Ok(())

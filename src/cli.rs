@@ -161,10 +161,16 @@ pub struct Exit {
 
 impl Exit {
     pub fn usage(message: impl std::fmt::Display) -> Exit {
-        Exit { code: 2, message: message.to_string() }
+        Exit {
+            code: 2,
+            message: message.to_string(),
+        }
     }
     pub fn failed(message: impl std::fmt::Display) -> Exit {
-        Exit { code: 1, message: message.to_string() }
+        Exit {
+            code: 1,
+            message: message.to_string(),
+        }
     }
 }
 
@@ -182,7 +188,9 @@ pub fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         let _ = builder.json().flatten_event(true).try_init();
     } else {
@@ -194,7 +202,10 @@ pub fn init_logging(format: LogFormat, level: &str) {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -216,19 +227,29 @@ pub fn load_config(arg: &ConfigArg) -> Result<Arc<Config>, Exit> {
 
 async fn dispatch(command: Command) -> Result<i32, Exit> {
     match command {
-        Command::Run { config, metrics_addr } => run(load_config(&config)?, metrics_addr).await,
+        Command::Run {
+            config,
+            metrics_addr,
+        } => run(load_config(&config)?, metrics_addr).await,
         Command::Check { config } => check(load_config(&config)?).await,
-        Command::Snapshot { config, collections, no_prune } => {
-            snapshot(load_config(&config)?, &collections, !no_prune).await
-        }
-        Command::Verify { config, collections, sample, json } => {
-            crate::verify::command(load_config(&config)?, &collections, sample, json).await
-        }
+        Command::Snapshot {
+            config,
+            collections,
+            no_prune,
+        } => snapshot(load_config(&config)?, &collections, !no_prune).await,
+        Command::Verify {
+            config,
+            collections,
+            sample,
+            json,
+        } => crate::verify::command(load_config(&config)?, &collections, sample, json).await,
         Command::Dlq { action } => dlq(action).await,
         Command::Status { config, json } => status(load_config(&config)?, json).await,
-        Command::MaskPreview { config, collection, limit } => {
-            mask_preview(load_config(&config)?, &collection, limit).await
-        }
+        Command::MaskPreview {
+            config,
+            collection,
+            limit,
+        } => mask_preview(load_config(&config)?, &collection, limit).await,
         Command::Bench(args) => crate::bench::command(args).await.map_err(Exit::from),
         Command::Demo => crate::demo::command().await.map(|()| 0).map_err(Exit::from),
     }
@@ -240,14 +261,15 @@ pub fn stop_on_signals(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -291,11 +313,19 @@ async fn run(config: Arc<Config>, metrics_addr: Option<SocketAddr>) -> Result<i3
 }
 
 async fn check(config: Arc<Config>) -> Result<i32, Exit> {
-    println!("config {}: valid ({} collection(s))", config.path.display(), config.collections.len());
+    println!(
+        "config {}: valid ({} collection(s))",
+        config.path.display(),
+        config.collections.len()
+    );
     let ctx = Context::connect(config.clone()).await?;
     let mut ok = true;
     for (label, client) in [("production", &ctx.prod), ("staging", &ctx.staging)] {
-        match client.database("admin").run_command(doc! { "hello": 1 }).await {
+        match client
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await
+        {
             Ok(hello) => {
                 let set = hello.get_str("setName").ok();
                 let mongos = hello.get_str("msg").ok() == Some("isdbgrid");
@@ -341,7 +371,10 @@ async fn check(config: Arc<Config>) -> Result<i32, Exit> {
             println!("  {}.{}: {}", config.target.database, c.target_name(), spec);
         }
     }
-    println!("  {}.dead_letters: {{sync, collection, productionId, clusterTime}}", config.sync.metadata_database);
+    println!(
+        "  {}.dead_letters: {{sync, collection, productionId, clusterTime}}",
+        config.sync.metadata_database
+    );
     if ok {
         println!("check passed");
         Ok(0)
@@ -351,7 +384,10 @@ async fn check(config: Arc<Config>) -> Result<i32, Exit> {
     }
 }
 
-fn select_collections<'c>(config: &'c Config, names: &[String]) -> Result<Vec<&'c crate::config::CollectionConfig>, Exit> {
+fn select_collections<'c>(
+    config: &'c Config,
+    names: &[String],
+) -> Result<Vec<&'c crate::config::CollectionConfig>, Exit> {
     if names.is_empty() {
         return Ok(config.collections.iter().collect());
     }
@@ -360,7 +396,10 @@ fn select_collections<'c>(config: &'c Config, names: &[String]) -> Result<Vec<&'
         .map(|n| {
             config.collection(n).ok_or_else(|| {
                 let known: Vec<&str> = config.collections.iter().map(|c| c.name.as_str()).collect();
-                Exit::usage(format!("collection `{n}` is not configured; configured: {}", known.join(", ")))
+                Exit::usage(format!(
+                    "collection `{n}` is not configured; configured: {}",
+                    known.join(", ")
+                ))
             })
         })
         .collect()
@@ -371,14 +410,19 @@ async fn snapshot(config: Arc<Config>, names: &[String], prune: bool) -> Result<
     let ctx = Context::connect(config.clone()).await?;
     let shutdown = CancellationToken::new();
     stop_on_signals(shutdown.clone());
-    engine::prepare_staging(&ctx, &shutdown).await.map_err(Exit::failed)?;
+    engine::prepare_staging(&ctx, &shutdown)
+        .await
+        .map_err(Exit::failed)?;
     let mut tasks = tokio::task::JoinSet::new();
     for c in selected {
         let cs = ctx.collection_sync(c);
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let name = cs.name.clone();
-            (name, crate::snapshot::snapshot_collection(&cs, &stop, prune).await)
+            (
+                name,
+                crate::snapshot::snapshot_collection(&cs, &stop, prune).await,
+            )
         });
     }
     let mut code = 0;
@@ -403,7 +447,11 @@ async fn snapshot(config: Arc<Config>, names: &[String], prune: bool) -> Result<
 }
 
 fn parse_id(id: &str) -> Result<ObjectId, Exit> {
-    ObjectId::parse_str(id).map_err(|_| Exit::usage(format!("`{id}` is not a dead-letter id (24 hex characters, as `dlq list` prints)")))
+    ObjectId::parse_str(id).map_err(|_| {
+        Exit::usage(format!(
+            "`{id}` is not a dead-letter id (24 hex characters, as `dlq list` prints)"
+        ))
+    })
 }
 
 async fn dlq(action: DlqAction) -> Result<i32, Exit> {
@@ -419,11 +467,17 @@ async fn dlq(action: DlqAction) -> Result<i32, Exit> {
                 .map(|(id, d)| crate::deadletter::describe(id, &d))
                 .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&entries).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&entries).unwrap_or_default()
+                );
             } else if entries.is_empty() {
                 println!("no dead letters");
             } else {
-                println!("{:<24}  {:<14} {:<8} {:<16} {:>3}  business key / production _id", "id", "collection", "op", "reason", "n");
+                println!(
+                    "{:<24}  {:<14} {:<8} {:<16} {:>3}  business key / production _id",
+                    "id", "collection", "op", "reason", "n"
+                );
                 for e in &entries {
                     println!(
                         "{:<24}  {:<14} {:<8} {:<16} {:>3}  {} / {}",
@@ -443,7 +497,12 @@ async fn dlq(action: DlqAction) -> Result<i32, Exit> {
         DlqAction::Show { config, id, json } => {
             let ctx = Context::connect(load_config(&config)?).await?;
             let oid = parse_id(&id)?;
-            let Some(d) = ctx.dead_letters.get(oid).await.map_err(|e| Exit::failed(e.to_string()))? else {
+            let Some(d) = ctx
+                .dead_letters
+                .get(oid)
+                .await
+                .map_err(|e| Exit::failed(e.to_string()))?
+            else {
                 return Err(Exit::failed(format!("no dead letter with id {id}")));
             };
             let e = crate::deadletter::describe(oid, &d);
@@ -453,13 +512,19 @@ async fn dlq(action: DlqAction) -> Result<i32, Exit> {
                 println!("id:            {}", e.id);
                 println!("collection:    {}", e.collection);
                 println!("operation:     {}", e.operation);
-                println!("business key:  {}", e.business_key.as_deref().unwrap_or("-"));
+                println!(
+                    "business key:  {}",
+                    e.business_key.as_deref().unwrap_or("-")
+                );
                 println!("production _id:{}", e.production_id);
                 println!("error:         {} — {}", e.error_code, e.error_message);
                 println!("first seen:    {}", e.first_seen);
                 println!("last seen:     {}", e.last_seen);
                 println!("attempts:      {}", e.attempts);
-                println!("change:        {}", serde_json::to_string_pretty(&e.change).unwrap_or_default());
+                println!(
+                    "change:        {}",
+                    serde_json::to_string_pretty(&e.change).unwrap_or_default()
+                );
             }
             Ok(0)
         }
@@ -477,14 +542,28 @@ async fn dlq(action: DlqAction) -> Result<i32, Exit> {
                     .collect(),
             };
             let report = crate::replay::replay(&ctx, &ids).await?;
-            println!("replayed {} dead letter(s): {} applied, {} still failing", ids.len(), report.0, report.1);
+            println!(
+                "replayed {} dead letter(s): {} applied, {} still failing",
+                ids.len(),
+                report.0,
+                report.1
+            );
             Ok(if report.1 == 0 { 0 } else { 1 })
         }
         DlqAction::Purge { config, id, all } => {
             let ctx = Context::connect(load_config(&config)?).await?;
             let n = match (id, all) {
-                (Some(id), _) => u64::from(ctx.dead_letters.remove(parse_id(&id)?).await.map_err(|e| Exit::failed(e.to_string()))?),
-                (None, _) => ctx.dead_letters.purge_all().await.map_err(|e| Exit::failed(e.to_string()))?,
+                (Some(id), _) => u64::from(
+                    ctx.dead_letters
+                        .remove(parse_id(&id)?)
+                        .await
+                        .map_err(|e| Exit::failed(e.to_string()))?,
+                ),
+                (None, _) => ctx
+                    .dead_letters
+                    .purge_all()
+                    .await
+                    .map_err(|e| Exit::failed(e.to_string()))?,
             };
             println!("purged {n} dead letter(s)");
             Ok(0)
@@ -497,11 +576,20 @@ async fn status(config: Arc<Config>, json: bool) -> Result<i32, Exit> {
     let now = mongodb::bson::DateTime::now();
     let mut rows = Vec::new();
     for c in &config.collections {
-        let cp = engine::checkpoint_of(&ctx, &c.name).await.map_err(|e| Exit::failed(format!("{e:#}")))?;
-        let dead = ctx.dead_letters.count(Some(&c.name)).await.map_err(|e| Exit::failed(e.to_string()))?;
+        let cp = engine::checkpoint_of(&ctx, &c.name)
+            .await
+            .map_err(|e| Exit::failed(format!("{e:#}")))?;
+        let dead = ctx
+            .dead_letters
+            .count(Some(&c.name))
+            .await
+            .map_err(|e| Exit::failed(e.to_string()))?;
         let cp = cp.unwrap_or_default();
-        let to_s = |t: Option<mongodb::bson::DateTime>| t.and_then(|t| t.try_to_rfc3339_string().ok());
-        let cluster_time = cp.cluster_time.map(|t| mongodb::bson::DateTime::from_millis(i64::from(t.time) * 1000));
+        let to_s =
+            |t: Option<mongodb::bson::DateTime>| t.and_then(|t| t.try_to_rfc3339_string().ok());
+        let cluster_time = cp
+            .cluster_time
+            .map(|t| mongodb::bson::DateTime::from_millis(i64::from(t.time) * 1000));
         let lag = cp
             .wall_time
             .or(cluster_time)
@@ -516,17 +604,30 @@ async fn status(config: Arc<Config>, json: bool) -> Result<i32, Exit> {
         }));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
     } else {
-        println!("{:<20} {:<26} {:>10} {:>12}", "collection", "checkpoint time", "lag (s)", "dead letters");
+        println!(
+            "{:<20} {:<26} {:>10} {:>12}",
+            "collection", "checkpoint time", "lag (s)", "dead letters"
+        );
         for r in &rows {
             println!(
                 "{:<20} {:<26} {:>10} {:>12}{}",
                 r["collection"].as_str().unwrap_or(""),
                 r["checkpoint_time"].as_str().unwrap_or("none yet"),
-                r["lag_seconds"].as_f64().map(|l| format!("{l:.1}")).unwrap_or_else(|| "-".into()),
+                r["lag_seconds"]
+                    .as_f64()
+                    .map(|l| format!("{l:.1}"))
+                    .unwrap_or_else(|| "-".into()),
                 r["dead_letters"],
-                if r["snapshot_in_progress"].as_bool() == Some(true) { "  (snapshot in progress)" } else { "" }
+                if r["snapshot_in_progress"].as_bool() == Some(true) {
+                    "  (snapshot in progress)"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -223,11 +223,12 @@ impl Config {
 
     /// Parses and validates config text; `env` looks up variables for `${VAR}`.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
-        let mut value: toml::Value = toml::from_str(text).map_err(|e| format!("invalid TOML: {e}"))?;
+        let mut value: toml::Value =
+            toml::from_str(text).map_err(|e| format!("invalid TOML: {e}"))?;
         interpolate(&mut value, "", env)?;
         let config: Config = value
             .try_into()
-            .map_err(|e: toml::de::Error| format!("{}", e.message().trim()))
+            .map_err(|e: toml::de::Error| e.message().trim().to_string())
             .map_err(|m| format!("{m} (see the configuration reference in README.md)"))?;
         config.validate()?;
         Ok(config)
@@ -251,13 +252,19 @@ impl Config {
             return Err("`sync.batch_max_events` must be at least 1".into());
         }
         if self.sync.apply_concurrency == 0 || self.sync.snapshot_concurrency == 0 {
-            return Err("`sync.apply_concurrency` and `sync.snapshot_concurrency` must be at least 1".into());
+            return Err(
+                "`sync.apply_concurrency` and `sync.snapshot_concurrency` must be at least 1"
+                    .into(),
+            );
         }
         if self.sync.snapshot_batch_size == 0 {
             return Err("`sync.snapshot_batch_size` must be at least 1".into());
         }
         if self.sync.max_writes_per_second == Some(0) {
-            return Err("`sync.max_writes_per_second` must be at least 1 (leave it out for no limit)".into());
+            return Err(
+                "`sync.max_writes_per_second` must be at least 1 (leave it out for no limit)"
+                    .into(),
+            );
         }
         if self.sync.target_database_is_metadata(&self.target.database) {
             return Err(format!(
@@ -265,14 +272,19 @@ impl Config {
                 self.sync.metadata_database
             ));
         }
-        if self.sync.conflict == Conflict::LastWriteWins && self.sync.staging_updated_field.is_none() {
+        if self.sync.conflict == Conflict::LastWriteWins
+            && self.sync.staging_updated_field.is_none()
+        {
             return Err("`sync.conflict = \"last-write-wins\"` needs `sync.staging_updated_field` (the staging field holding the time of a staging edit, e.g. \"updatedAt\")".into());
         }
         if self.checkpoint.store == CheckpointStoreKind::Redis && self.checkpoint.url.is_none() {
             return Err("`checkpoint.store = \"redis\"` needs `checkpoint.url` (e.g. \"redis://127.0.0.1:6379/0\")".into());
         }
         if self.collections.is_empty() {
-            return Err("no `[[collections]]` configured: add at least one with `name` and `business_key`".into());
+            return Err(
+                "no `[[collections]]` configured: add at least one with `name` and `business_key`"
+                    .into(),
+            );
         }
         let mut seen = HashSet::new();
         let mut seen_targets = HashSet::new();
@@ -281,7 +293,10 @@ impl Config {
             let at = format!("collections[{i}]");
             non_empty(&format!("{at}.name"), &c.name)?;
             if !seen.insert(c.name.clone()) {
-                return Err(format!("`{at}.name`: collection \"{}\" is listed twice", c.name));
+                return Err(format!(
+                    "`{at}.name`: collection \"{}\" is listed twice",
+                    c.name
+                ));
             }
             if !seen_targets.insert(c.target_name().to_string()) {
                 return Err(format!(
@@ -297,7 +312,10 @@ impl Config {
             }
             for k in &c.business_key {
                 check_path(&format!("{at}.business_key"), k, false)?;
-                if k == "_id" || k.starts_with(&format!("{}.", self.sync.metadata_field)) || *k == self.sync.metadata_field {
+                if k == "_id"
+                    || k.starts_with(&format!("{}.", self.sync.metadata_field))
+                    || *k == self.sync.metadata_field
+                {
                     return Err(format!("`{at}.business_key`: \"{k}\" cannot be a business key (production and staging `_id`s differ; the metadata field is stagesync's)"));
                 }
             }
@@ -311,10 +329,14 @@ impl Config {
             check_field_name(&format!("{at}.deleted_at_field"), &c.deleted_at_field)?;
             match (&c.schema_version_field, c.max_schema_version) {
                 (Some(_), None) => {
-                    return Err(format!("`{at}.schema_version_field` needs `{at}.max_schema_version`"))
+                    return Err(format!(
+                        "`{at}.schema_version_field` needs `{at}.max_schema_version`"
+                    ))
                 }
                 (None, Some(_)) => {
-                    return Err(format!("`{at}.max_schema_version` needs `{at}.schema_version_field`"))
+                    return Err(format!(
+                        "`{at}.max_schema_version` needs `{at}.schema_version_field`"
+                    ))
                 }
                 _ => {}
             }
@@ -359,10 +381,15 @@ fn check_field_name(key: &str, v: &str) -> Result<(), String> {
 
 fn check_path(key: &str, p: &str, wildcard: bool) -> Result<(), String> {
     let bad = p.is_empty()
-        || p.split('.').any(|s| s.is_empty() || s.starts_with('$') || (!wildcard && s == "*"))
+        || p.split('.')
+            .any(|s| s.is_empty() || s.starts_with('$') || (!wildcard && s == "*"))
         || p == "_id";
     if bad {
-        let also = if wildcard { " (`*` matches any one segment)" } else { "" };
+        let also = if wildcard {
+            " (`*` matches any one segment)"
+        } else {
+            ""
+        };
         return Err(format!(
             "`{key}`: \"{p}\" is not a field path: use names separated by dots, e.g. \"shipping.street\"{also}"
         ));
@@ -392,7 +419,11 @@ fn interpolate(
         }
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
-                let key = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                let key = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
                 interpolate(v, &key, env)?;
             }
         }
@@ -416,7 +447,9 @@ fn substitute(s: &str, at: &str, env: &dyn Fn(&str) -> Option<String>) -> Result
             None => (expr, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("`{at}`: \"${{{expr}}}\" is not a variable reference"));
+            return Err(format!(
+                "`{at}`: \"${{{expr}}}\" is not a variable reference"
+            ));
         }
         match (env(name).filter(|v| !v.is_empty()), default) {
             (Some(v), _) => out.push_str(&v),
@@ -457,7 +490,11 @@ pub fn parse_duration(t: &str) -> Option<Duration> {
         .find(|c: char| c.is_ascii_alphabetic())
         .map(|i| t.split_at(i))
         .unwrap_or((t, "s"));
-    let n: f64 = num.trim().parse().ok().filter(|n: &f64| *n > 0.0 && n.is_finite())?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| *n > 0.0 && n.is_finite())?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -509,17 +546,24 @@ preserve = ["qa", "experiments.*"]
     fn refuses_bad_input_naming_the_key() {
         let e = refused(&MINIMAL.replace("[source]", "[source]\nbogus = 1"));
         assert!(e.contains("unknown field `bogus`"), "{e}");
-        let e = refused(&MINIMAL.replace("business_key = [\"userEmail\", \"accountId\"]", "business_key = []"));
+        let e = refused(&MINIMAL.replace(
+            "business_key = [\"userEmail\", \"accountId\"]",
+            "business_key = []",
+        ));
         assert!(e.contains("collections[0].business_key"), "{e}");
         let e = refused(&MINIMAL.replace("business_key = [\"userEmail\", \"accountId\"]\n", ""));
         assert!(e.contains("business_key"), "{e}");
-        let e = refused(&format!("{MINIMAL}\n[[collections]]\nname = \"orders\"\nbusiness_key = [\"x\"]\n"));
+        let e = refused(&format!(
+            "{MINIMAL}\n[[collections]]\nname = \"orders\"\nbusiness_key = [\"x\"]\n"
+        ));
         assert!(e.contains("listed twice"), "{e}");
         let e = refused(&MINIMAL.replace("preserve", "deletes = \"sometimes\"\npreserve"));
         assert!(e.contains("sometimes") && e.contains("soft"), "{e}");
         let e = refused(&MINIMAL.replace("${PROD_URI}", "${NOT_SET_ANYWHERE}"));
         assert!(e.contains("NOT_SET_ANYWHERE"), "{e}");
-        let e = refused(&format!("{MINIMAL}[sync]\ncheckpoint_interval = \"soon\"\n"));
+        let e = refused(&format!(
+            "{MINIMAL}[sync]\ncheckpoint_interval = \"soon\"\n"
+        ));
         assert!(e.contains("duration"), "{e}");
     }
 

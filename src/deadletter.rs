@@ -40,7 +40,11 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub fn new(metadata: &Database, sync: &str) -> DeadLetters {
-        DeadLetters { sync: sync.to_string(), db: metadata.clone(), coll: metadata.collection("dead_letters") }
+        DeadLetters {
+            sync: sync.to_string(),
+            db: metadata.clone(),
+            coll: metadata.collection("dead_letters"),
+        }
     }
 
     pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
@@ -98,7 +102,11 @@ impl DeadLetters {
         let docs: Vec<Document> = self
             .coll
             .find(doc! { "sync": &self.sync })
-            .with_options(FindOptions::builder().sort(doc! { "firstSeen": 1, "_id": 1 }).build())
+            .with_options(
+                FindOptions::builder()
+                    .sort(doc! { "firstSeen": 1, "_id": 1 })
+                    .build(),
+            )
             .await?
             .try_collect()
             .await?;
@@ -109,15 +117,26 @@ impl DeadLetters {
     }
 
     pub async fn get(&self, id: ObjectId) -> mongodb::error::Result<Option<Document>> {
-        self.coll.find_one(doc! { "_id": id, "sync": &self.sync }).await
+        self.coll
+            .find_one(doc! { "_id": id, "sync": &self.sync })
+            .await
     }
 
     pub async fn remove(&self, id: ObjectId) -> mongodb::error::Result<bool> {
-        Ok(self.coll.delete_one(doc! { "_id": id, "sync": &self.sync }).await?.deleted_count == 1)
+        Ok(self
+            .coll
+            .delete_one(doc! { "_id": id, "sync": &self.sync })
+            .await?
+            .deleted_count
+            == 1)
     }
 
     pub async fn purge_all(&self) -> mongodb::error::Result<u64> {
-        Ok(self.coll.delete_many(doc! { "sync": &self.sync }).await?.deleted_count)
+        Ok(self
+            .coll
+            .delete_many(doc! { "sync": &self.sync })
+            .await?
+            .deleted_count)
     }
 
     /// Marks another failed replay attempt.
@@ -138,19 +157,36 @@ impl DeadLetters {
 /// The printable form of a stored dead letter.
 pub fn describe(id: ObjectId, d: &Document) -> DeadLetter {
     let text = |k: &str| d.get_str(k).unwrap_or("").to_string();
-    let time = |k: &str| d.get_datetime(k).map(|t| t.try_to_rfc3339_string().unwrap_or_default()).unwrap_or_default();
+    let time = |k: &str| {
+        d.get_datetime(k)
+            .map(|t| t.try_to_rfc3339_string().unwrap_or_default())
+            .unwrap_or_default()
+    };
     let error = d.get_document("error").ok();
     DeadLetter {
         id: id.to_hex(),
         collection: text("collection"),
         business_key: d.get_str("businessKey").ok().map(String::from),
-        production_id: d.get("productionId").map(|v| v.to_string()).unwrap_or_default(),
+        production_id: d
+            .get("productionId")
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
         operation: text("operation"),
-        error_code: error.and_then(|e| e.get_str("code").ok()).unwrap_or("").to_string(),
-        error_message: error.and_then(|e| e.get_str("message").ok()).unwrap_or("").to_string(),
+        error_code: error
+            .and_then(|e| e.get_str("code").ok())
+            .unwrap_or("")
+            .to_string(),
+        error_message: error
+            .and_then(|e| e.get_str("message").ok())
+            .unwrap_or("")
+            .to_string(),
         first_seen: time("firstSeen"),
         last_seen: time("lastSeen"),
-        attempts: d.get_i32("attempts").map(i64::from).or_else(|_| d.get_i64("attempts")).unwrap_or(0),
+        attempts: d
+            .get_i32("attempts")
+            .map(i64::from)
+            .or_else(|_| d.get_i64("attempts"))
+            .unwrap_or(0),
         change: d
             .get_document("change")
             .map(|c| Bson::Document(c.clone()).into_relaxed_extjson())

@@ -35,12 +35,20 @@ deletes = "soft"
 
 pub async fn command() -> anyhow::Result<()> {
     let binary = server_binary(true)?;
-    println!("starting production and staging servers ({})", binary.file_name().unwrap_or_default().to_string_lossy());
+    println!(
+        "starting production and staging servers ({})",
+        binary.file_name().unwrap_or_default().to_string_lossy()
+    );
     let prod_server = LocalServer::start(&binary, &[])?;
     let staging_server = LocalServer::start(&binary, &[])?;
-    let prod: Collection<Document> = Client::with_uri_str(prod_server.uri()).await?.database("shop").collection("orders");
-    let staging: Collection<Document> =
-        Client::with_uri_str(staging_server.uri()).await?.database("shop_staging").collection("orders");
+    let prod: Collection<Document> = Client::with_uri_str(prod_server.uri())
+        .await?
+        .database("shop")
+        .collection("orders");
+    let staging: Collection<Document> = Client::with_uri_str(staging_server.uri())
+        .await?
+        .database("shop_staging")
+        .collection("orders");
 
     prod.insert_many(vec![
         doc! { "userEmail": "ada@example.org", "accountId": 1, "total": 120, "status": "paid" },
@@ -74,7 +82,11 @@ pub async fn command() -> anyhow::Result<()> {
         .stderr(std::fs::File::create(&log_path)?)
         .spawn()
         .context("starting `stagesync run`")?;
-    println!("\n$ stagesync run -c stagesync.toml   (pid {}, log: {})", child.id(), log_path.display());
+    println!(
+        "\n$ stagesync run -c stagesync.toml   (pid {}, log: {})",
+        child.id(),
+        log_path.display()
+    );
 
     let result = async {
         step("initial snapshot: ada and grace adopted by business key (QA notes kept), linus inserted", &staging, || async {
@@ -110,7 +122,9 @@ pub async fn command() -> anyhow::Result<()> {
     .await;
 
     // Stop like an operator would: SIGTERM, then expect exit code 0 within 10 s.
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = child.try_wait()? {
@@ -127,7 +141,9 @@ pub async fn command() -> anyhow::Result<()> {
         bail!("demo failed: {e:#}\n--- stagesync log ---\n{log}");
     }
     match status {
-        Some(s) if s.success() => println!("\nstagesync run stopped cleanly on SIGTERM; servers stopped. Demo complete."),
+        Some(s) if s.success() => {
+            println!("\nstagesync run stopped cleanly on SIGTERM; servers stopped. Demo complete.")
+        }
         Some(s) => bail!("stagesync run exited with {s} on SIGTERM"),
         None => bail!("stagesync run did not stop within 10 s of SIGTERM"),
     }
@@ -151,13 +167,24 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("\n▶ {title}  (in staging after {} ms)", started.elapsed().as_millis());
+    println!(
+        "\n▶ {title}  (in staging after {} ms)",
+        started.elapsed().as_millis()
+    );
     show(staging).await
 }
 
 async fn show(staging: &Collection<Document>) -> anyhow::Result<()> {
-    let docs: Vec<Document> = staging.find(doc! {}).sort(doc! { "accountId": 1 }).await?.try_collect().await?;
-    println!("  {:<10} {:<22} {:>4} {:>6} {:<9} {:<24} {:<8}", "_id", "userEmail", "acct", "total", "status", "qaNote", "deleted");
+    let docs: Vec<Document> = staging
+        .find(doc! {})
+        .sort(doc! { "accountId": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    println!(
+        "  {:<10} {:<22} {:>4} {:>6} {:<9} {:<24} {:<8}",
+        "_id", "userEmail", "acct", "total", "status", "qaNote", "deleted"
+    );
     for d in docs {
         let text = |k: &str| match d.get(k) {
             Some(Bson::String(s)) => s.clone(),

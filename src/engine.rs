@@ -70,11 +70,19 @@ pub async fn client(uri: &str, label: &str) -> anyhow::Result<Client> {
 }
 
 /// Waits until the server answers `ping`, retrying with backoff (and saying so) until `shutdown`.
-pub async fn wait_until_reachable(client: &Client, label: &str, shutdown: &CancellationToken) -> bool {
+pub async fn wait_until_reachable(
+    client: &Client,
+    label: &str,
+    shutdown: &CancellationToken,
+) -> bool {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut said = false;
     loop {
-        match client.database("admin").run_command(doc! { "ping": 1 }).await {
+        match client
+            .database("admin")
+            .run_command(doc! { "ping": 1 })
+            .await
+        {
             Ok(_) => {
                 if said {
                     tracing::info!("{label} is reachable again");
@@ -104,7 +112,10 @@ impl Context {
         let meta_db = staging.database(&config.sync.metadata_database);
         let checkpoints = CheckpointStore::open(&config, &meta_db).await?;
         let dead_letters = DeadLetters::new(&meta_db, &config.sync.name);
-        let limiter = config.sync.max_writes_per_second.and_then(WriteLimiter::new);
+        let limiter = config
+            .sync
+            .max_writes_per_second
+            .and_then(WriteLimiter::new);
         let snapshot_concurrency = config.sync.snapshot_concurrency;
         Ok(Context {
             config,
@@ -128,21 +139,29 @@ impl Context {
     /// Production's current operation time: where a snapshot reads from.
     pub async fn production_time(&self) -> anyhow::Result<Timestamp> {
         let reply = self.prod_db.run_command(doc! { "ping": 1 }).await?;
-        let from_reply = reply
-            .get_timestamp("operationTime")
-            .ok()
-            .or_else(|| reply.get_document("$clusterTime").ok().and_then(|c| c.get_timestamp("clusterTime").ok()));
+        let from_reply = reply.get_timestamp("operationTime").ok().or_else(|| {
+            reply
+                .get_document("$clusterTime")
+                .ok()
+                .and_then(|c| c.get_timestamp("clusterTime").ok())
+        });
         if let Some(t) = from_reply {
             return Ok(t);
         }
-        let hello = self.prod.database("admin").run_command(doc! { "hello": 1 }).await?;
+        let hello = self
+            .prod
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await?;
         hello
             .get_document("lastWrite")
             .ok()
             .and_then(|w| w.get_document("opTime").ok())
             .and_then(|o| o.get_timestamp("ts").ok())
             .or_else(|| hello.get_timestamp("operationTime").ok())
-            .ok_or_else(|| anyhow::anyhow!("production did not report an operation time; is it a replica set?"))
+            .ok_or_else(|| {
+                anyhow::anyhow!("production did not report an operation time; is it a replica set?")
+            })
     }
 }
 
@@ -197,7 +216,11 @@ impl CollectionSync {
     /// Fetches, plans and writes one batch of changes; with `dead_letter`, records the ones that
     /// cannot be applied in the dead-letter queue. `Err` only for transient trouble (the caller
     /// retries the whole batch: replays are no-ops thanks to the order rule).
-    pub async fn apply_changes(&self, changes: &[Change], dead_letter: bool) -> mongodb::error::Result<BatchReport> {
+    pub async fn apply_changes(
+        &self,
+        changes: &[Change],
+        dead_letter: bool,
+    ) -> mongodb::error::Result<BatchReport> {
         let (mut outcomes, duplicate_key) = self.plan_and_write(changes, None).await?;
         // A duplicate key error can come from two documents of the batch trading keys in
         // parallel chunks; try those once more, alone, now that the rest is written.
@@ -210,27 +233,56 @@ impl CollectionSync {
         }
         let mut report = BatchReport::default();
         for (c, outcome) in changes.iter().zip(&outcomes) {
-            let labels = |stage: &str, reason: &str| [self.name.clone(), c.op.as_str().to_string(), stage.to_string(), reason.to_string()];
+            let labels = |stage: &str, reason: &str| {
+                [
+                    self.name.clone(),
+                    c.op.as_str().to_string(),
+                    stage.to_string(),
+                    reason.to_string(),
+                ]
+            };
             match outcome {
                 Outcome::Applied => {
                     report.applied += 1;
-                    self.ctx.metrics.changes.with_label_values(&labels("applied", "")).inc();
+                    self.ctx
+                        .metrics
+                        .changes
+                        .with_label_values(&labels("applied", ""))
+                        .inc();
                     if let Some(w) = c.wall_time {
-                        let lag = (DateTime::now().timestamp_millis() - w.timestamp_millis()).max(0) as f64 / 1000.0;
-                        self.ctx.metrics.lag_seconds.with_label_values(&[&self.name]).observe(lag);
+                        let lag = (DateTime::now().timestamp_millis() - w.timestamp_millis()).max(0)
+                            as f64
+                            / 1000.0;
+                        self.ctx
+                            .metrics
+                            .lag_seconds
+                            .with_label_values(&[&self.name])
+                            .observe(lag);
                     }
                 }
                 Outcome::Skipped(s) => {
                     report.skipped += 1;
-                    self.ctx.metrics.changes.with_label_values(&labels("skipped", s.as_str())).inc();
+                    self.ctx
+                        .metrics
+                        .changes
+                        .with_label_values(&labels("skipped", s.as_str()))
+                        .inc();
                     if *s == Skip::StagingNewer {
-                        self.ctx.metrics.conflicts.with_label_values(&[&self.name]).inc();
+                        self.ctx
+                            .metrics
+                            .conflicts
+                            .with_label_values(&[&self.name])
+                            .inc();
                         tracing::info!(collection = %self.name, production_id = %c.prod_id, "last-write-wins: staging's edit is newer; kept");
                     }
                 }
                 Outcome::Failed(f) => {
                     report.failed += 1;
-                    self.ctx.metrics.changes.with_label_values(&labels("failed", &f.code)).inc();
+                    self.ctx
+                        .metrics
+                        .changes
+                        .with_label_values(&labels("failed", &f.code))
+                        .inc();
                     if dead_letter {
                         self.dead_letter(c, f).await?;
                     }
@@ -269,7 +321,10 @@ impl CollectionSync {
                     continue;
                 }
                 for &i in &write.changes {
-                    outcomes[i] = Outcome::Failed(Failed { code: staging_code(*code), message: message.clone() });
+                    outcomes[i] = Outcome::Failed(Failed {
+                        code: staging_code(*code),
+                        message: message.clone(),
+                    });
                 }
             }
         }
@@ -292,12 +347,20 @@ impl CollectionSync {
             "change not applied: {}; sent to the dead-letter queue",
             f.message
         );
-        self.ctx.metrics.dead_letters.with_label_values(&[&self.name, &f.code]).inc();
+        self.ctx
+            .metrics
+            .dead_letters
+            .with_label_values(&[&self.name, &f.code])
+            .inc();
         self.ctx.dead_letters.record(&self.name, key, c, f).await
     }
 
     /// Applies a batch, retrying transient failures forever (logging the outage once).
-    pub async fn apply_with_retry(&self, changes: &[Change], shutdown: &CancellationToken) -> Option<BatchReport> {
+    pub async fn apply_with_retry(
+        &self,
+        changes: &[Change],
+        shutdown: &CancellationToken,
+    ) -> Option<BatchReport> {
         let mut backoff = Backoff::default();
         let mut outage: Option<Instant> = None;
         loop {
@@ -310,7 +373,11 @@ impl CollectionSync {
                 }
                 Err(e) => {
                     let failure = classify(&e);
-                    self.ctx.metrics.retries.with_label_values(&["staging"]).inc();
+                    self.ctx
+                        .metrics
+                        .retries
+                        .with_label_values(&["staging"])
+                        .inc();
                     if failure == Failure::Transient {
                         if outage.is_none() {
                             outage = Some(Instant::now());
@@ -335,16 +402,25 @@ impl CollectionSync {
         let mut forced_resync = false;
         loop {
             let checkpoint = self.load_checkpoint(&shutdown).await?;
-            let Some(checkpoint) = checkpoint else { return Ok(()) };
+            let Some(checkpoint) = checkpoint else {
+                return Ok(());
+            };
             let needs_snapshot = std::mem::take(&mut forced_resync)
                 || config.sync.initial_sync == InitialSync::Always
                 || checkpoint.snapshot.is_some()
-                || (config.sync.initial_sync == InitialSync::Auto && checkpoint.token.is_none() && checkpoint.cluster_time.is_none());
+                || (config.sync.initial_sync == InitialSync::Auto
+                    && checkpoint.token.is_none()
+                    && checkpoint.cluster_time.is_none());
             let start = if needs_snapshot {
                 match crate::snapshot::snapshot_collection(&self, &shutdown, true).await {
                     Ok(Some(t)) => StartAt::Time(t),
                     Ok(None) => return Ok(()), // stopped during the snapshot; progress is saved
-                    Err(e) => return Err(EngineError::Fatal(format!("snapshot of `{}` failed: {e:#}", self.name))),
+                    Err(e) => {
+                        return Err(EngineError::Fatal(format!(
+                            "snapshot of `{}` failed: {e:#}",
+                            self.name
+                        )))
+                    }
                 }
             } else if let Some(token) = checkpoint.resume_token() {
                 StartAt::ResumeAfter(token)
@@ -355,20 +431,27 @@ impl CollectionSync {
             };
             match self.stream(start, &shutdown).await {
                 Ok(()) => return Ok(()),
-                Err(EngineError::HistoryLost { collection, detail }) => match config.sync.on_history_lost {
-                    OnHistoryLost::Fail => return Err(EngineError::HistoryLost { collection, detail }),
-                    OnHistoryLost::Resync => {
-                        tracing::warn!(collection = %collection, detail = %detail, "production no longer has the history to resume from; re-copying the collection (on_history_lost = \"resync\")");
-                        forced_resync = true;
+                Err(EngineError::HistoryLost { collection, detail }) => {
+                    match config.sync.on_history_lost {
+                        OnHistoryLost::Fail => {
+                            return Err(EngineError::HistoryLost { collection, detail })
+                        }
+                        OnHistoryLost::Resync => {
+                            tracing::warn!(collection = %collection, detail = %detail, "production no longer has the history to resume from; re-copying the collection (on_history_lost = \"resync\")");
+                            forced_resync = true;
+                        }
                     }
-                },
+                }
                 Err(e) => return Err(e),
             }
         }
     }
 
     /// Loads the checkpoint, waiting out a store outage. `None` when stopped meanwhile.
-    async fn load_checkpoint(&self, shutdown: &CancellationToken) -> Result<Option<Checkpoint>, EngineError> {
+    async fn load_checkpoint(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Checkpoint>, EngineError> {
         let mut backoff = Backoff::default();
         loop {
             match self.ctx.checkpoints.load(&self.name).await {
@@ -392,7 +475,11 @@ impl CollectionSync {
         loop {
             match self.ctx.checkpoints.save(&self.name, cp).await {
                 Ok(()) => {
-                    self.ctx.metrics.checkpoint_age_seconds.with_label_values(&[&self.name]).set(0);
+                    self.ctx
+                        .metrics
+                        .checkpoint_age_seconds
+                        .with_label_values(&[&self.name])
+                        .set(0);
                     return true;
                 }
                 Err(e) => {
@@ -409,7 +496,11 @@ impl CollectionSync {
     }
 
     /// Follows the change stream from `start`, applying batches, until `shutdown`.
-    async fn stream(&self, start: StartAt, shutdown: &CancellationToken) -> Result<(), EngineError> {
+    async fn stream(
+        &self,
+        start: StartAt,
+        shutdown: &CancellationToken,
+    ) -> Result<(), EngineError> {
         let sync = &self.ctx.config.sync;
         let settings = ReaderSettings {
             batch_max_events: sync.batch_max_events,
@@ -439,11 +530,19 @@ impl CollectionSync {
             match message {
                 None => break Ok(()),
                 Some(ReaderMessage::HistoryLost(detail)) => {
-                    break Err(EngineError::HistoryLost { collection: self.name.clone(), detail })
+                    break Err(EngineError::HistoryLost {
+                        collection: self.name.clone(),
+                        detail,
+                    })
                 }
                 Some(ReaderMessage::Fatal(m)) => break Err(EngineError::Fatal(m)),
                 Some(ReaderMessage::Batch(batch)) => {
-                    if !batch.changes.is_empty() && self.apply_with_retry(&batch.changes, shutdown).await.is_none() {
+                    if !batch.changes.is_empty()
+                        && self
+                            .apply_with_retry(&batch.changes, shutdown)
+                            .await
+                            .is_none()
+                    {
                         break Ok(()); // stopping: this batch is abandoned, its position not saved
                     }
                     pending = Some(position_checkpoint(&batch, pending.take()));
@@ -471,7 +570,11 @@ fn position_checkpoint(batch: &Batch, previous: Option<Checkpoint>) -> Checkpoin
     let previous = previous.unwrap_or_default();
     let p = &batch.position;
     Checkpoint {
-        token: p.token.as_ref().and_then(|t| mongodb::bson::to_bson(t).ok()).or(previous.token),
+        token: p
+            .token
+            .as_ref()
+            .and_then(|t| mongodb::bson::to_bson(t).ok())
+            .or(previous.token),
         cluster_time: p.cluster_time.or(previous.cluster_time),
         wall_time: p.wall_time.or(previous.wall_time),
         saved_at: None,
@@ -507,7 +610,11 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> Result<(), Engine
     }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
-        let r = joined.unwrap_or_else(|e| Err(EngineError::Fatal(format!("a collection task crashed: {e}"))));
+        let r = joined.unwrap_or_else(|e| {
+            Err(EngineError::Fatal(format!(
+                "a collection task crashed: {e}"
+            )))
+        });
         if let Err(e) = r {
             if result.is_ok() {
                 result = Err(e);
@@ -519,10 +626,17 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> Result<(), Engine
 }
 
 /// Creates the indexes stagesync relies on, retrying while staging is unreachable.
-pub async fn prepare_staging(ctx: &Context, shutdown: &CancellationToken) -> Result<(), EngineError> {
+pub async fn prepare_staging(
+    ctx: &Context,
+    shutdown: &CancellationToken,
+) -> Result<(), EngineError> {
     let mut backoff = Backoff::default();
     loop {
-        let mut result = ctx.dead_letters.ensure_indexes().await.map_err(anyhow::Error::from);
+        let mut result = ctx
+            .dead_letters
+            .ensure_indexes()
+            .await
+            .map_err(anyhow::Error::from);
         for c in &ctx.config.collections {
             if result.is_err() {
                 break;

@@ -25,7 +25,10 @@ pub fn server_binary(native: bool) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("STAGESYNC_TEST_MONGOD") {
         let p = PathBuf::from(p);
         if !p.exists() {
-            bail!("STAGESYNC_TEST_MONGOD points at {}, which does not exist", p.display());
+            bail!(
+                "STAGESYNC_TEST_MONGOD points at {}, which does not exist",
+                p.display()
+            );
         }
         return Ok(p);
     }
@@ -60,7 +63,9 @@ pub struct LocalServer {
 impl LocalServer {
     /// Starts a server on a free port with fresh temporary storage and waits for it to answer.
     pub fn start(binary: &Path, extra_args: &[&str]) -> anyhow::Result<LocalServer> {
-        let dir = tempfile::Builder::new().prefix("stagesync-server-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("stagesync-server-")
+            .tempdir()?;
         let storage = dir.path().join("data");
         let log_path = dir.path().join("server.log");
         let mut server = LocalServer {
@@ -82,7 +87,10 @@ impl LocalServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let child = Command::new(&self.binary)
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .arg("--storage-path")
@@ -115,7 +123,11 @@ impl LocalServer {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("server on port {} did not answer within {timeout:?}; its log:\n{}", self.port, self.log_tail());
+                bail!(
+                    "server on port {} did not answer within {timeout:?}; its log:\n{}",
+                    self.port,
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -204,6 +216,10 @@ fn ping(port: u16) -> bool {
         return false;
     }
     mongodb::bson::Document::from_reader(&mut &rest[5..])
-        .map(|d| d.get_f64("ok").map(|ok| ok == 1.0).unwrap_or_else(|_| d.get_i32("ok") == Ok(1)))
+        .map(|d| {
+            d.get_f64("ok")
+                .map(|ok| ok == 1.0)
+                .unwrap_or_else(|_| d.get_i32("ok") == Ok(1))
+        })
         .unwrap_or(false)
 }

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -34,38 +35,59 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("stagesync".into()), None).expect("valid prefix");
         let changes = IntCounterVec::new(
-            Opts::new("changes_total", "Production changes by collection, operation and stage"),
+            Opts::new(
+                "changes_total",
+                "Production changes by collection, operation and stage",
+            ),
             &["collection", "operation", "stage", "reason"],
         )
         .expect("valid metric");
         let batch_size = Histogram::with_opts(
-            HistogramOpts::new("batch_size", "Changes per applied batch")
-                .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]),
+            HistogramOpts::new("batch_size", "Changes per applied batch").buckets(vec![
+                1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+            ]),
         )
         .expect("valid metric");
         let lag_seconds = HistogramVec::new(
-            HistogramOpts::new("lag_seconds", "Time from the production change to its staging write")
-                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            HistogramOpts::new(
+                "lag_seconds",
+                "Time from the production change to its staging write",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
             &["collection"],
         )
         .expect("valid metric");
         let checkpoint_age_seconds = IntGaugeVec::new(
-            Opts::new("checkpoint_age_seconds", "Seconds since the stream's checkpoint was saved (at scrape time of the last save)"),
+            Opts::new(
+                "checkpoint_age_seconds",
+                "Seconds since the stream's checkpoint was saved (at scrape time of the last save)",
+            ),
             &["collection"],
         )
         .expect("valid metric");
         let dead_letters = IntCounterVec::new(
-            Opts::new("dead_letters_total", "Changes sent to the dead-letter queue"),
+            Opts::new(
+                "dead_letters_total",
+                "Changes sent to the dead-letter queue",
+            ),
             &["collection", "reason"],
         )
         .expect("valid metric");
         let ddl_events = IntCounterVec::new(
-            Opts::new("ddl_events_total", "drop / rename / dropDatabase events seen in production (never applied)"),
+            Opts::new(
+                "ddl_events_total",
+                "drop / rename / dropDatabase events seen in production (never applied)",
+            ),
             &["collection", "operation"],
         )
         .expect("valid metric");
         let conflicts = IntCounterVec::new(
-            Opts::new("conflicts_total", "Last-write-wins conflicts kept on staging's side"),
+            Opts::new(
+                "conflicts_total",
+                "Last-write-wins conflicts kept on staging's side",
+            ),
             &["collection"],
         )
         .expect("valid metric");
@@ -107,12 +129,17 @@ impl Metrics {
     }
 
     /// Serves `/metrics` and `/healthz` until the task is dropped.
-    pub async fn serve(self: Arc<Self>, addr: SocketAddr) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    pub async fn serve(
+        self: Arc<Self>,
+        addr: SocketAddr,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let listener = TcpListener::bind(addr).await?;
         tracing::info!(%addr, "serving /metrics and /healthz");
         Ok(tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { continue };
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    continue;
+                };
                 let me = self.clone();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 2048];
@@ -122,7 +149,11 @@ impl Metrics {
                     let (status, ctype, body) = match path {
                         "/metrics" => ("200 OK", "text/plain; version=0.0.4", me.render()),
                         "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                        _ => ("404 Not Found", "text/plain", "not found: try /metrics or /healthz\n".to_string()),
+                        _ => (
+                            "404 Not Found",
+                            "text/plain",
+                            "not found: try /metrics or /healthz\n".to_string(),
+                        ),
                     };
                     let reply = format!(
                         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -12,12 +12,23 @@ use crate::source::change::{Change, Op};
 pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<(usize, usize), Exit> {
     let (mut applied, mut failing) = (0, 0);
     for &id in ids {
-        let Some(entry) = ctx.dead_letters.get(id).await.map_err(|e| Exit::failed(e.to_string()))? else {
-            return Err(Exit::failed(format!("no dead letter with id {}", id.to_hex())));
+        let Some(entry) = ctx
+            .dead_letters
+            .get(id)
+            .await
+            .map_err(|e| Exit::failed(e.to_string()))?
+        else {
+            return Err(Exit::failed(format!(
+                "no dead letter with id {}",
+                id.to_hex()
+            )));
         };
         let collection = entry.get_str("collection").unwrap_or_default().to_string();
         let Some(config) = ctx.config.collection(&collection) else {
-            eprintln!("dead letter {}: collection `{collection}` is no longer configured; left as it is", id.to_hex());
+            eprintln!(
+                "dead letter {}: collection `{collection}` is no longer configured; left as it is",
+                id.to_hex()
+            );
             failing += 1;
             continue;
         };
@@ -55,12 +66,23 @@ pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<(usize, usize), E
             .map_err(|e| Exit::failed(format!("applying to staging.{}: {e}", cs.target)))?;
         match &report.outcomes[0] {
             Outcome::Failed(f) => {
-                eprintln!("dead letter {}: still failing: {} ({})", id.to_hex(), f.message, f.code);
-                ctx.dead_letters.touch(id, f).await.map_err(|e| Exit::failed(e.to_string()))?;
+                eprintln!(
+                    "dead letter {}: still failing: {} ({})",
+                    id.to_hex(),
+                    f.message,
+                    f.code
+                );
+                ctx.dead_letters
+                    .touch(id, f)
+                    .await
+                    .map_err(|e| Exit::failed(e.to_string()))?;
                 failing += 1;
             }
             _ => {
-                ctx.dead_letters.remove(id).await.map_err(|e| Exit::failed(e.to_string()))?;
+                ctx.dead_letters
+                    .remove(id)
+                    .await
+                    .map_err(|e| Exit::failed(e.to_string()))?;
                 applied += 1;
             }
         }

@@ -85,7 +85,9 @@ pub fn classify_code(code: i32, message: &str) -> Failure {
         return Failure::Transient;
     }
     let m = message.to_ascii_lowercase();
-    if m.contains("resume") && (m.contains("not found") || m.contains("no longer") || m.contains("history")) {
+    if m.contains("resume")
+        && (m.contains("not found") || m.contains("no longer") || m.contains("history"))
+    {
         return Failure::HistoryLost;
     }
     Failure::Permanent
@@ -123,7 +125,11 @@ impl Default for Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff { base, cap, attempt: 0 }
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
     }
 
     /// The next pause: random in [ceiling/2, ceiling], ceiling doubling up to the cap.
@@ -155,9 +161,18 @@ mod tests {
         assert_eq!(classify_code(112, "WriteConflict"), Failure::Transient);
         assert_eq!(classify_code(10107, "not primary"), Failure::Transient);
         assert_eq!(classify_code(286, ""), Failure::HistoryLost);
-        assert_eq!(classify_code(2, "resume token was not found"), Failure::HistoryLost);
-        assert_eq!(classify_code(DUPLICATE_KEY, "E11000 duplicate key"), Failure::Permanent);
-        assert_eq!(classify_code(10334, "BSONObjectTooLarge"), Failure::Permanent);
+        assert_eq!(
+            classify_code(2, "resume token was not found"),
+            Failure::HistoryLost
+        );
+        assert_eq!(
+            classify_code(DUPLICATE_KEY, "E11000 duplicate key"),
+            Failure::Permanent
+        );
+        assert_eq!(
+            classify_code(10334, "BSONObjectTooLarge"),
+            Failure::Permanent
+        );
     }
 
     #[test]

@@ -32,7 +32,12 @@ pub async fn snapshot_collection(
     prune: bool,
 ) -> anyhow::Result<Option<Timestamp>> {
     let _slot = cs.context().snapshot_slots.clone().acquire_owned().await?;
-    let previous = cs.context().checkpoints.load(&cs.name).await?.unwrap_or_default();
+    let previous = cs
+        .context()
+        .checkpoints
+        .load(&cs.name)
+        .await?
+        .unwrap_or_default();
     let (read_time, mut last_id, mut copied) = match previous.snapshot.as_ref() {
         Some(s) if s.get_timestamp("readTime").is_ok() => (
             s.get_timestamp("readTime")?,
@@ -49,7 +54,13 @@ pub async fn snapshot_collection(
     let progress = Progress::new(&cs.name, total, copied);
 
     let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<Change>>>(2);
-    let reader = tokio::spawn(read_documents(cs.clone(), read_time, last_id.clone(), tx, shutdown.clone()));
+    let reader = tokio::spawn(read_documents(
+        cs.clone(),
+        read_time,
+        last_id.clone(),
+        tx,
+        shutdown.clone(),
+    ));
     let mut stopped = false;
     while let Some(batch) = rx.recv().await {
         let changes = batch?;
@@ -68,10 +79,17 @@ pub async fn snapshot_collection(
         return Ok(None);
     }
     progress.finish();
-    let pruned = if prune { prune_stale(cs, read_time, shutdown).await? } else { 0 };
+    let pruned = if prune {
+        prune_stale(cs, read_time, shutdown).await?
+    } else {
+        0
+    };
     tracing::info!(collection = %cs.name, copied, pruned, "snapshot complete; the change stream continues from the snapshot's start");
     // The stream takes over at the read time; its first checkpoint replaces this one.
-    let handoff = Checkpoint { cluster_time: Some(read_time), ..Checkpoint::default() };
+    let handoff = Checkpoint {
+        cluster_time: Some(read_time),
+        ..Checkpoint::default()
+    };
     cs.save_checkpoint(&handoff, shutdown).await;
     Ok(Some(read_time))
 }
@@ -140,7 +158,9 @@ async fn read_documents(
                         last_id = Some(change.prod_id.clone());
                         batch.push(change);
                     }
-                    if batch.len() >= batch_size && tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                    if batch.len() >= batch_size
+                        && tx.send(Ok(std::mem::take(&mut batch))).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -170,7 +190,11 @@ async fn read_documents(
 /// Deletes (per `deletes`) the staging documents from production whose source no longer exists.
 /// Candidates are documents the copy did not stamp (`ts` older than the read time) and not
 /// soft-deleted yet; each is checked against production before anything is written.
-async fn prune_stale(cs: &CollectionSync, read_time: Timestamp, shutdown: &CancellationToken) -> anyhow::Result<u64> {
+async fn prune_stale(
+    cs: &CollectionSync,
+    read_time: Timestamp,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<u64> {
     let rules = &cs.rules;
     let filter = doc! {
         rules.meta_path("id"): { "$exists": true },
@@ -187,7 +211,11 @@ async fn prune_stale(cs: &CollectionSync, read_time: Timestamp, shutdown: &Cance
         .await?;
     let ids: Vec<Bson> = candidates
         .iter()
-        .filter_map(|d| crate::plan::meta_of(d, &rules.meta_field).and_then(|m| m.get("id")).cloned())
+        .filter_map(|d| {
+            crate::plan::meta_of(d, &rules.meta_field)
+                .and_then(|m| m.get("id"))
+                .cloned()
+        })
         .collect();
     let mut pruned = 0;
     for chunk in ids.chunks(1000) {
@@ -240,9 +268,11 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total.max(done));
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>16} [{bar:30}] {pos}/{len} docs {per_sec} ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>16} [{bar:30}] {pos}/{len} docs {per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar.set_prefix(name.to_string());
             bar.set_position(done);

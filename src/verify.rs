@@ -73,7 +73,12 @@ pub struct Report {
     pub collections: Vec<CollectionReport>,
 }
 
-pub async fn command(config: Arc<Config>, names: &[String], sample: Option<u64>, json: bool) -> Result<i32, Exit> {
+pub async fn command(
+    config: Arc<Config>,
+    names: &[String],
+    sample: Option<u64>,
+    json: bool,
+) -> Result<i32, Exit> {
     for n in names {
         if config.collection(n).is_none() {
             return Err(Exit::usage(format!("collection `{n}` is not configured")));
@@ -81,16 +86,26 @@ pub async fn command(config: Arc<Config>, names: &[String], sample: Option<u64>,
     }
     let ctx = Context::connect(config.clone()).await?;
     let mut collections = Vec::new();
-    for c in config.collections.iter().filter(|c| names.is_empty() || names.contains(&c.name)) {
+    for c in config
+        .collections
+        .iter()
+        .filter(|c| names.is_empty() || names.contains(&c.name))
+    {
         let cs = ctx.collection_sync(c);
         let report = verify_collection(&cs, sample)
             .await
             .map_err(|e| Exit::usage(format!("verifying `{}`: {e:#}", c.name)))?;
         collections.push(report);
     }
-    let report = Report { in_sync: collections.iter().all(|c| c.drift_count() == 0), collections };
+    let report = Report {
+        in_sync: collections.iter().all(|c| c.drift_count() == 0),
+        collections,
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
         print_human(&report);
     }
@@ -107,7 +122,11 @@ fn print_human(report: &Report) {
             "{:<18} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
             c.collection,
             c.production_checked,
-            if c.sampled { "-".to_string() } else { c.staging_checked.to_string() },
+            if c.sampled {
+                "-".to_string()
+            } else {
+                c.staging_checked.to_string()
+            },
             c.missing.len(),
             c.differing.len(),
             c.stale_not_deleted.len(),
@@ -126,7 +145,11 @@ fn print_human(report: &Report) {
         ];
         for (label, items) in kinds {
             for d in items.iter().take(EXAMPLES) {
-                let mut fields = if d.fields.is_empty() { String::new() } else { format!(" fields: {}", d.fields.join(", ")) };
+                let mut fields = if d.fields.is_empty() {
+                    String::new()
+                } else {
+                    format!(" fields: {}", d.fields.join(", "))
+                };
                 if let Some(r) = &d.reason {
                     fields.push_str(&format!(" (cannot be applied: {r})"));
                 }
@@ -134,12 +157,19 @@ fn print_human(report: &Report) {
                     "  {}: {label}: {}{}{}",
                     c.collection,
                     d.business_key,
-                    d.production_id.as_ref().map(|p| format!(" (production _id {p})")).unwrap_or_default(),
+                    d.production_id
+                        .as_ref()
+                        .map(|p| format!(" (production _id {p})"))
+                        .unwrap_or_default(),
                     fields
                 );
             }
             if items.len() > EXAMPLES {
-                println!("  {}: {label}: … and {} more (use --json for all)", c.collection, items.len() - EXAMPLES);
+                println!(
+                    "  {}: {label}: … and {} more (use --json for all)",
+                    c.collection,
+                    items.len() - EXAMPLES
+                );
             }
         }
     }
@@ -158,19 +188,36 @@ fn id_text(v: Option<&Bson>) -> Option<String> {
     })
 }
 
-pub async fn verify_collection(cs: &CollectionSync, sample: Option<u64>) -> anyhow::Result<CollectionReport> {
+pub async fn verify_collection(
+    cs: &CollectionSync,
+    sample: Option<u64>,
+) -> anyhow::Result<CollectionReport> {
     let rules = &cs.rules;
-    let mut report = CollectionReport { collection: cs.name.clone(), sampled: sample.is_some(), ..Default::default() };
+    let mut report = CollectionReport {
+        collection: cs.name.clone(),
+        sampled: sample.is_some(),
+        ..Default::default()
+    };
     // The comparison stamps production documents as "newer than anything", so the merge's order
     // rule never hides a difference.
-    let far_future = Timestamp { time: u32::MAX, increment: u32::MAX };
+    let far_future = Timestamp {
+        time: u32::MAX,
+        increment: u32::MAX,
+    };
     let now = DateTime::now();
 
     // Pass 1: production → staging.
     let mut cursor = match sample {
-        Some(n) => cs.source.aggregate(vec![doc! { "$sample": { "size": n as i64 } }]).await?,
+        Some(n) => {
+            cs.source
+                .aggregate(vec![doc! { "$sample": { "size": n as i64 } }])
+                .await?
+        }
         None => {
-            let options = FindOptions::builder().sort(doc! { "_id": 1 }).batch_size(CHUNK as u32).build();
+            let options = FindOptions::builder()
+                .sort(doc! { "_id": 1 })
+                .batch_size(CHUNK as u32)
+                .build();
             cs.source.find(doc! {}).with_options(options).await?
         }
     };
@@ -197,7 +244,10 @@ pub async fn verify_collection(cs: &CollectionSync, sample: Option<u64>) -> anyh
     }
 
     // Pass 2: staging documents that came from production → does their source still exist?
-    let options = FindOptions::builder().sort(doc! { "_id": 1 }).batch_size(CHUNK as u32).build();
+    let options = FindOptions::builder()
+        .sort(doc! { "_id": 1 })
+        .batch_size(CHUNK as u32)
+        .build();
     let mut staging = cs
         .staging
         .find(doc! { rules.meta_path("id"): { "$exists": true } })
@@ -220,8 +270,16 @@ pub async fn verify_collection(cs: &CollectionSync, sample: Option<u64>) -> anyh
     }
 
     // Duplicate business keys, counted by the server.
-    let group_id: Document = rules.business_key.iter().map(|f| (f.replace('.', "_"), Bson::String(format!("${f}")))).collect();
-    let present: Document = rules.business_key.iter().map(|f| (f.clone(), Bson::Document(doc! { "$exists": true }))).collect();
+    let group_id: Document = rules
+        .business_key
+        .iter()
+        .map(|f| (f.replace('.', "_"), Bson::String(format!("${f}"))))
+        .collect();
+    let present: Document = rules
+        .business_key
+        .iter()
+        .map(|f| (f.clone(), Bson::Document(doc! { "$exists": true })))
+        .collect();
     let mut dups = cs
         .staging
         .aggregate(vec![
@@ -231,14 +289,36 @@ pub async fn verify_collection(cs: &CollectionSync, sample: Option<u64>) -> anyh
         ])
         .await?;
     while let Some(g) = dups.try_next().await? {
-        let key = g.get_document("_id").map(|k| k.iter().map(|(f, v)| format!("{f}={v}")).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-        report.duplicate_keys.push(Drift { business_key: key, fields: vec![format!("{} documents", g.get_i32("n").map(i64::from).or_else(|_| g.get_i64("n")).unwrap_or(0))], ..Default::default() });
+        let key = g
+            .get_document("_id")
+            .map(|k| {
+                k.iter()
+                    .map(|(f, v)| format!("{f}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        report.duplicate_keys.push(Drift {
+            business_key: key,
+            fields: vec![format!(
+                "{} documents",
+                g.get_i32("n")
+                    .map(i64::from)
+                    .or_else(|_| g.get_i64("n"))
+                    .unwrap_or(0)
+            )],
+            ..Default::default()
+        });
     }
     Ok(report)
 }
 
 /// Plans the chunk exactly as the engine would; any write it would make is drift.
-async fn compare_production_chunk(cs: &CollectionSync, changes: &[Change], report: &mut CollectionReport) -> anyhow::Result<()> {
+async fn compare_production_chunk(
+    cs: &CollectionSync,
+    changes: &[Change],
+    report: &mut CollectionReport,
+) -> anyhow::Result<()> {
     let rules = &cs.rules;
     let mut existing: Vec<Document> = match rules.id_filter(changes) {
         Some(f) => cs.staging.find(f).await?.try_collect().await?,
@@ -255,7 +335,11 @@ async fn compare_production_chunk(cs: &CollectionSync, changes: &[Change], repor
     let plan = plan_batch(rules, changes, existing, DateTime::now());
     for (c, outcome) in changes.iter().zip(&plan.outcomes) {
         if let Outcome::Failed(f) = outcome {
-            let key = c.doc.as_ref().and_then(|d| rules.key_of(d).ok()).map(|k| k.describe(&rules.business_key));
+            let key = c
+                .doc
+                .as_ref()
+                .and_then(|d| rules.key_of(d).ok())
+                .map(|k| k.describe(&rules.business_key));
             report.missing.push(Drift {
                 business_key: key.unwrap_or_else(|| "-".into()),
                 production_id: id_text(Some(&c.prod_id)),
@@ -274,17 +358,29 @@ async fn compare_production_chunk(cs: &CollectionSync, changes: &[Change], repor
             .unwrap_or_else(|| "-".into());
         let production_id = id_text(Some(&c.prod_id));
         match &w.op {
-            WriteOp::Insert(_) => report.missing.push(Drift { business_key: key, production_id, ..Default::default() }),
+            WriteOp::Insert(_) => report.missing.push(Drift {
+                business_key: key,
+                production_id,
+                ..Default::default()
+            }),
             WriteOp::Update { id, set, unset } => {
                 let before = by_id.get(&canonical(id));
-                let was_deleted = before.map(|d| d.get_bool(&rules.soft_delete_field) == Ok(true)).unwrap_or(false);
+                let was_deleted = before
+                    .map(|d| d.get_bool(&rules.soft_delete_field) == Ok(true))
+                    .unwrap_or(false);
                 let fields: BTreeSet<String> = set
                     .keys()
                     .chain(unset.keys())
                     .map(|p| p.split('.').next().unwrap_or(p).to_string())
                     .filter(|f| *f != rules.meta_field)
                     .collect();
-                let drift = Drift { business_key: key, production_id, staging_id: id_text(Some(id)), fields: fields.into_iter().collect(), reason: None };
+                let drift = Drift {
+                    business_key: key,
+                    production_id,
+                    staging_id: id_text(Some(id)),
+                    fields: fields.into_iter().collect(),
+                    reason: None,
+                };
                 if was_deleted {
                     report.deleted_but_present.push(drift);
                 } else if !drift.fields.is_empty() {
@@ -299,14 +395,22 @@ async fn compare_production_chunk(cs: &CollectionSync, changes: &[Change], repor
 }
 
 /// Staging documents from production whose production `_id` is gone must be deleted as configured.
-async fn compare_staging_chunk(cs: &CollectionSync, docs: &[Document], report: &mut CollectionReport) -> anyhow::Result<()> {
+async fn compare_staging_chunk(
+    cs: &CollectionSync,
+    docs: &[Document],
+    report: &mut CollectionReport,
+) -> anyhow::Result<()> {
     let rules = &cs.rules;
     if rules.deletes == DeleteMode::Ignore {
         return Ok(());
     }
     let ids: Vec<Bson> = docs
         .iter()
-        .filter_map(|d| meta_of(d, &rules.meta_field).and_then(|m| m.get("id")).cloned())
+        .filter_map(|d| {
+            meta_of(d, &rules.meta_field)
+                .and_then(|m| m.get("id"))
+                .cloned()
+        })
         .collect();
     let present: HashSet<Vec<u8>> = cs
         .source
@@ -319,10 +423,15 @@ async fn compare_staging_chunk(cs: &CollectionSync, docs: &[Document], report: &
         .filter_map(|d| d.get("_id").map(canonical))
         .collect();
     for d in docs {
-        let Some(id) = meta_of(d, &rules.meta_field).and_then(|m| m.get("id")) else { continue };
+        let Some(id) = meta_of(d, &rules.meta_field).and_then(|m| m.get("id")) else {
+            continue;
+        };
         let deleted = d.get_bool(&rules.soft_delete_field) == Ok(true);
         if !present.contains(&canonical(id)) && !deleted {
-            let key = rules.key_of(d).map(|k| k.describe(&rules.business_key)).unwrap_or_else(|_| "-".into());
+            let key = rules
+                .key_of(d)
+                .map(|k| k.describe(&rules.business_key))
+                .unwrap_or_else(|_| "-".into());
             report.stale_not_deleted.push(Drift {
                 business_key: key,
                 production_id: id_text(Some(id)),

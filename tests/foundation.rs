@@ -11,8 +11,13 @@ use std::time::Duration;
 async fn insert_in_production_is_seen_by_a_change_stream() {
     let pair = Pair::start();
     let coll = pair.prod().await.collection::<Document>("events");
-    let mut stream = coll.watch().await.expect("production supports change streams");
-    coll.insert_one(doc! { "userEmail": "ann@example.org", "n": 1 }).await.unwrap();
+    let mut stream = coll
+        .watch()
+        .await
+        .expect("production supports change streams");
+    coll.insert_one(doc! { "userEmail": "ann@example.org", "n": 1 })
+        .await
+        .unwrap();
     let event = tokio::time::timeout(Duration::from_secs(20), stream.next())
         .await
         .expect("an event within 20 s")
@@ -21,5 +26,8 @@ async fn insert_in_production_is_seen_by_a_change_stream() {
     let full = event.full_document.expect("inserts carry the document");
     assert_eq!(full.get_str("userEmail").unwrap(), "ann@example.org");
     assert_eq!(full.get_i32("n").unwrap(), 1);
-    assert!(event.cluster_time.is_some(), "events carry their cluster time");
+    assert!(
+        event.cluster_time.is_some(),
+        "events carry their cluster time"
+    );
 }

@@ -12,8 +12,18 @@ use common::{all_docs, eventually, find_by, staging_doc_where, Engine, Pair, Run
 use mongodb::bson::{doc, Bson, Document, Timestamp};
 
 fn verify(path: &std::path::Path, extra: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stagesync")).arg("verify").arg("-c").arg(path).args(extra).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_stagesync"))
+        .arg("verify")
+        .arg("-c")
+        .arg(path)
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -39,13 +49,21 @@ async fn snapshot_under_live_writes_then_verify_finds_exactly_the_tampering() {
         .collect();
     staging.insert_many(known).await.unwrap();
     // …and stale documents from an earlier sync whose production documents are long gone.
-    let old = Timestamp { time: 1, increment: 1 };
+    let old = Timestamp {
+        time: 1,
+        increment: 1,
+    };
     let stale: Vec<Document> = (0..10)
         .map(|i| doc! { "userEmail": format!("gone{i}@x.org"), "accountId": 0, "_sync": { "id": format!("gone{i}"), "ts": old, "fields": ["userEmail", "accountId"] } })
         .collect();
     staging.insert_many(stale).await.unwrap();
     // And one staging-only document, which nothing may touch.
-    staging.insert_one(doc! { "_id": "qa-only", "userEmail": "qa@x.org", "accountId": 0, "note": "mine" }).await.unwrap();
+    staging
+        .insert_one(
+            doc! { "_id": "qa-only", "userEmail": "qa@x.org", "accountId": 0, "note": "mine" },
+        )
+        .await
+        .unwrap();
 
     // A writer keeps changing production while the snapshot runs.
     let stop = Arc::new(AtomicBool::new(false));
@@ -55,7 +73,12 @@ async fn snapshot_under_live_writes_then_verify_finds_exactly_the_tampering() {
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
                 let id = (i * 7919) % 20_000;
-                prod.update_one(doc! { "_id": id }, doc! { "$set": { "total": -i, "status": "changed" } }).await.unwrap();
+                prod.update_one(
+                    doc! { "_id": id },
+                    doc! { "$set": { "total": -i, "status": "changed" } },
+                )
+                .await
+                .unwrap();
                 prod.insert_one(doc! { "_id": 100_000 + i, "userEmail": format!("live{i}@x.org"), "accountId": 1, "total": i }).await.unwrap();
                 if i % 5 == 0 {
                     prod.delete_one(doc! { "_id": 10_000 + i }).await.unwrap();
@@ -66,44 +89,108 @@ async fn snapshot_under_live_writes_then_verify_finds_exactly_the_tampering() {
         })
     };
     let engine = Engine::start(config).await; // returns once the snapshot handed off to the stream
-    // Let the writer overlap the stream a little too (the stream has just opened).
-    eventually("the writer to keep going after the hand-off", Duration::from_secs(20), || async {
-        prod.count_documents(doc! { "_id": { "$gte": 100_000 } }).await.unwrap() >= 50
-    })
+                                              // Let the writer overlap the stream a little too (the stream has just opened).
+    eventually(
+        "the writer to keep going after the hand-off",
+        Duration::from_secs(20),
+        || async {
+            prod.count_documents(doc! { "_id": { "$gte": 100_000 } })
+                .await
+                .unwrap()
+                >= 50
+        },
+    )
     .await;
     stop.store(true, Ordering::SeqCst);
     let writes = writer.await.unwrap();
     assert!(writes > 0);
-    prod.insert_one(doc! { "_id": "marker", "userEmail": "marker", "accountId": 0 }).await.unwrap();
+    prod.insert_one(doc! { "_id": "marker", "userEmail": "marker", "accountId": 0 })
+        .await
+        .unwrap();
     staging_doc_where(&staging, doc! { "userEmail": "marker" }, "synced", |_| true).await;
     engine.stop().await.unwrap();
 
     let adopted = find_by(&staging, doc! { "_id": "stg-5" }).await.remove(0);
-    assert_eq!(adopted.get_str("qaNote").unwrap(), "qa5", "adopted documents keep staging-only fields");
-    assert_eq!(find_by(&staging, doc! { "deleted": true, "userEmail": { "$regex": "^gone" } }).await.len(), 10, "stale documents are soft-deleted");
-    assert_eq!(find_by(&staging, doc! { "_id": "qa-only" }).await.remove(0), doc! { "_id": "qa-only", "userEmail": "qa@x.org", "accountId": 0, "note": "mine" });
+    assert_eq!(
+        adopted.get_str("qaNote").unwrap(),
+        "qa5",
+        "adopted documents keep staging-only fields"
+    );
+    assert_eq!(
+        find_by(
+            &staging,
+            doc! { "deleted": true, "userEmail": { "$regex": "^gone" } }
+        )
+        .await
+        .len(),
+        10,
+        "stale documents are soft-deleted"
+    );
+    assert_eq!(
+        find_by(&staging, doc! { "_id": "qa-only" }).await.remove(0),
+        doc! { "_id": "qa-only", "userEmail": "qa@x.org", "accountId": 0, "note": "mine" }
+    );
 
     let (code, out) = verify(&path, &[]);
     assert_eq!(code, 0, "verify after a quiet sync: {out}");
     assert!(out.contains("in sync"));
 
     // Tamper with two staging documents: a production-owned field edited, one removed.
-    staging.update_one(doc! { "userEmail": "u42@x.org", "accountId": 2 }, doc! { "$set": { "total": 123_456 } }).await.unwrap();
-    staging.update_one(doc! { "userEmail": "u77@x.org", "accountId": 7 }, doc! { "$unset": { "status": "" } }).await.unwrap();
+    staging
+        .update_one(
+            doc! { "userEmail": "u42@x.org", "accountId": 2 },
+            doc! { "$set": { "total": 123_456 } },
+        )
+        .await
+        .unwrap();
+    staging
+        .update_one(
+            doc! { "userEmail": "u77@x.org", "accountId": 7 },
+            doc! { "$unset": { "status": "" } },
+        )
+        .await
+        .unwrap();
     // Staging-only edits are not drift.
-    staging.update_one(doc! { "userEmail": "u43@x.org", "accountId": 3 }, doc! { "$set": { "qaNote": "fine", "qa": "also fine" } }).await.unwrap();
+    staging
+        .update_one(
+            doc! { "userEmail": "u43@x.org", "accountId": 3 },
+            doc! { "$set": { "qaNote": "fine", "qa": "also fine" } },
+        )
+        .await
+        .unwrap();
     let (code, out) = verify(&path, &[]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("userEmail=u42@x.org, accountId=2") && out.contains("fields: total"), "{out}");
-    assert!(out.contains("userEmail=u77@x.org, accountId=7") && out.contains("fields: status"), "{out}");
+    assert!(
+        out.contains("userEmail=u42@x.org, accountId=2") && out.contains("fields: total"),
+        "{out}"
+    );
+    assert!(
+        out.contains("userEmail=u77@x.org, accountId=7") && out.contains("fields: status"),
+        "{out}"
+    );
     assert!(!out.contains("u43@x.org"), "{out}");
-    assert!(!out.contains("123456"), "no field values in the report: {out}");
+    assert!(
+        !out.contains("123456"),
+        "no field values in the report: {out}"
+    );
     let (code, json) = verify(&path, &["--json"]);
     assert_eq!(code, 1);
     let report: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(report["in_sync"], false);
-    assert_eq!(report["collections"][0]["differing"].as_array().unwrap().len(), 2);
-    assert_eq!(report["collections"][0]["missing"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        report["collections"][0]["differing"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        report["collections"][0]["missing"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 }
 
 #[tokio::test]
@@ -114,21 +201,44 @@ async fn verify_reports_missing_stale_and_wrongly_deleted_documents() {
     let staging = pair.staging().await.collection::<Document>("orders");
     let engine = Engine::start(config).await;
     for i in 0..5 {
-        prod.insert_one(doc! { "_id": i, "userEmail": format!("u{i}@x.org"), "accountId": 1 }).await.unwrap();
+        prod.insert_one(doc! { "_id": i, "userEmail": format!("u{i}@x.org"), "accountId": 1 })
+            .await
+            .unwrap();
     }
-    staging_doc_where(&staging, doc! { "userEmail": "u4@x.org" }, "synced", |_| true).await;
+    staging_doc_where(&staging, doc! { "userEmail": "u4@x.org" }, "synced", |_| {
+        true
+    })
+    .await;
     engine.stop().await.unwrap();
     // While no sync runs: staging loses one, production loses one, staging wrongly deletes one.
-    staging.delete_one(doc! { "userEmail": "u0@x.org" }).await.unwrap();
+    staging
+        .delete_one(doc! { "userEmail": "u0@x.org" })
+        .await
+        .unwrap();
     prod.delete_one(doc! { "_id": 1 }).await.unwrap();
-    staging.update_one(doc! { "userEmail": "u2@x.org" }, doc! { "$set": { "deleted": true } }).await.unwrap();
+    staging
+        .update_one(
+            doc! { "userEmail": "u2@x.org" },
+            doc! { "$set": { "deleted": true } },
+        )
+        .await
+        .unwrap();
     let (code, json) = verify(&path, &["--json"]);
     assert_eq!(code, 1, "{json}");
     let report: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     let c = &report["collections"][0];
-    assert_eq!(c["missing"][0]["business_key"], "userEmail=u0@x.org, accountId=1");
-    assert_eq!(c["stale_not_deleted"][0]["business_key"], "userEmail=u1@x.org, accountId=1");
-    assert_eq!(c["deleted_but_present"][0]["business_key"], "userEmail=u2@x.org, accountId=1");
+    assert_eq!(
+        c["missing"][0]["business_key"],
+        "userEmail=u0@x.org, accountId=1"
+    );
+    assert_eq!(
+        c["stale_not_deleted"][0]["business_key"],
+        "userEmail=u1@x.org, accountId=1"
+    );
+    assert_eq!(
+        c["deleted_but_present"][0]["business_key"],
+        "userEmail=u2@x.org, accountId=1"
+    );
     let (code, out) = verify(&path, &["--sample", "3"]);
     assert!(code == 0 || code == 1, "{out}");
     assert!(out.contains("orders"));
@@ -143,29 +253,58 @@ async fn a_killed_snapshot_continues_where_it_stopped() {
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
     seed_production(&prod, 30_000).await;
-    let ctx = stagesync::engine::Context::connect(config.clone()).await.unwrap();
+    let ctx = stagesync::engine::Context::connect(config.clone())
+        .await
+        .unwrap();
     let mut first = RunProcess::start_command("snapshot", &path, pair.dir.path());
-    eventually("the snapshot to be part-way", Duration::from_secs(60), || async {
-        let cp = ctx.checkpoints.load("orders").await.unwrap();
-        cp.and_then(|c| c.snapshot).and_then(|s| s.get_i64("copied").ok()).unwrap_or(0) >= 1000
-    })
+    eventually(
+        "the snapshot to be part-way",
+        Duration::from_secs(60),
+        || async {
+            let cp = ctx.checkpoints.load("orders").await.unwrap();
+            cp.and_then(|c| c.snapshot)
+                .and_then(|s| s.get_i64("copied").ok())
+                .unwrap_or(0)
+                >= 1000
+        },
+    )
     .await;
     first.child.kill().unwrap();
     first.child.wait().unwrap();
     let cp = ctx.checkpoints.load("orders").await.unwrap().unwrap();
-    let progress = cp.snapshot.expect("an unfinished snapshot leaves its progress");
+    let progress = cp
+        .snapshot
+        .expect("an unfinished snapshot leaves its progress");
     let copied = progress.get_i64("copied").unwrap();
     assert!(copied < 30_000, "killed part-way ({copied} copied)");
     assert!(matches!(progress.get("lastId"), Some(Bson::Int32(_))));
 
     let mut second = RunProcess::start_command("snapshot", &path, pair.dir.path());
-    let status = second.wait(Duration::from_secs(120)).expect("the second snapshot finishes");
+    let status = second
+        .wait(Duration::from_secs(120))
+        .expect("the second snapshot finishes");
     assert!(status.success(), "{}", second.log_text());
-    assert!(second.log_text().contains("continuing an interrupted snapshot"), "{}", second.log_text());
+    assert!(
+        second
+            .log_text()
+            .contains("continuing an interrupted snapshot"),
+        "{}",
+        second.log_text()
+    );
     assert_eq!(staging.count_documents(doc! {}).await.unwrap(), 30_000);
     let cp = ctx.checkpoints.load("orders").await.unwrap().unwrap();
-    assert!(cp.snapshot.is_none() && cp.cluster_time.is_some(), "the hand-off position is saved");
+    assert!(
+        cp.snapshot.is_none() && cp.cluster_time.is_some(),
+        "the hand-off position is saved"
+    );
     let (code, out) = verify(&path, &[]);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(all_docs(&staging).await.iter().filter(|d| d.get_document("_sync").is_err()).count(), 0);
+    assert_eq!(
+        all_docs(&staging)
+            .await
+            .iter()
+            .filter(|d| d.get_document("_sync").is_err())
+            .count(),
+        0
+    );
 }

@@ -23,22 +23,59 @@ async fn insert_adopts_the_staging_document_with_the_same_business_key() {
     let (_, config) = pair.config("", ORDERS);
     let engine = Engine::start(config).await;
     let prod = pair.prod().await.collection::<Document>("orders");
-    prod.insert_one(doc! { "userEmail": "ann@x.org", "accountId": 1, "total": 42 }).await.unwrap();
-    prod.insert_one(doc! { "userEmail": "bob@x.org", "accountId": 2, "total": 7 }).await.unwrap();
+    prod.insert_one(doc! { "userEmail": "ann@x.org", "accountId": 1, "total": 42 })
+        .await
+        .unwrap();
+    prod.insert_one(doc! { "userEmail": "bob@x.org", "accountId": 2, "total": 7 })
+        .await
+        .unwrap();
 
-    let adopted = staging_doc_where(&staging, key("ann@x.org", 1), "adopted", |d| d.get_i32("total") == Ok(42)).await;
-    assert_eq!(adopted.get_str("_id").unwrap(), "staging-1", "staging keeps its own _id");
-    assert_eq!(adopted.get_str("qaNote").unwrap(), "keep me", "staging-only fields are kept");
-    assert!(!adopted.contains_key("deleted") && !adopted.contains_key("deletedAt"), "adoption revives: {adopted}");
+    let adopted = staging_doc_where(&staging, key("ann@x.org", 1), "adopted", |d| {
+        d.get_i32("total") == Ok(42)
+    })
+    .await;
+    assert_eq!(
+        adopted.get_str("_id").unwrap(),
+        "staging-1",
+        "staging keeps its own _id"
+    );
+    assert_eq!(
+        adopted.get_str("qaNote").unwrap(),
+        "keep me",
+        "staging-only fields are kept"
+    );
+    assert!(
+        !adopted.contains_key("deleted") && !adopted.contains_key("deletedAt"),
+        "adoption revives: {adopted}"
+    );
     let meta = adopted.get_document("_sync").unwrap();
     let prod_doc = prod.find_one(key("ann@x.org", 1)).await.unwrap().unwrap();
-    assert_eq!(meta.get("id"), prod_doc.get("_id"), "metadata records the production _id");
+    assert_eq!(
+        meta.get("id"),
+        prod_doc.get("_id"),
+        "metadata records the production _id"
+    );
     assert!(meta.get_timestamp("ts").is_ok());
-    let fields: Vec<&str> = meta.get_array("fields").unwrap().iter().filter_map(|f| f.as_str()).collect();
+    let fields: Vec<&str> = meta
+        .get_array("fields")
+        .unwrap()
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
     assert_eq!(fields, vec!["userEmail", "accountId", "total"]);
 
-    let created = staging_doc_where(&staging, key("bob@x.org", 2), "inserted", |d| d.get_i32("total") == Ok(7)).await;
-    assert_ne!(created.get("_id"), prod.find_one(key("bob@x.org", 2)).await.unwrap().unwrap().get("_id"));
+    let created = staging_doc_where(&staging, key("bob@x.org", 2), "inserted", |d| {
+        d.get_i32("total") == Ok(7)
+    })
+    .await;
+    assert_ne!(
+        created.get("_id"),
+        prod.find_one(key("bob@x.org", 2))
+            .await
+            .unwrap()
+            .unwrap()
+            .get("_id")
+    );
     assert_eq!(all_docs(&staging).await.len(), 2);
     engine.stop().await.unwrap();
 }
@@ -53,31 +90,66 @@ async fn update_takes_production_values_removes_unset_fields_and_keeps_staging_f
     prod.insert_one(doc! { "_id": 1, "userEmail": "ann@x.org", "accountId": 1, "total": 1, "coupon": "X", "qa": "prod-qa", "experiments": { "a": 1 } })
         .await
         .unwrap();
-    staging_doc_where(&staging, key("ann@x.org", 1), "inserted", |d| d.get_i32("total") == Ok(1)).await;
+    staging_doc_where(&staging, key("ann@x.org", 1), "inserted", |d| {
+        d.get_i32("total") == Ok(1)
+    })
+    .await;
     // Staging-side edits: a staging-only field, a preserved field, a preserved sub-field, and an
     // edit of a production-owned field (production wins).
     staging
         .update_one(key("ann@x.org", 1), doc! { "$set": { "qaNote": "n", "qa": "staging-qa", "experiments.flag": true, "total": 999 } })
         .await
         .unwrap();
-    prod.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 2 }, "$unset": { "coupon": "" } }).await.unwrap();
-    let d = staging_doc_where(&staging, key("ann@x.org", 1), "updated", |d| d.get_i32("total") == Ok(2)).await;
-    assert!(!d.contains_key("coupon"), "a field production removed is removed: {d}");
+    prod.update_one(
+        doc! { "_id": 1 },
+        doc! { "$set": { "total": 2 }, "$unset": { "coupon": "" } },
+    )
+    .await
+    .unwrap();
+    let d = staging_doc_where(&staging, key("ann@x.org", 1), "updated", |d| {
+        d.get_i32("total") == Ok(2)
+    })
+    .await;
+    assert!(
+        !d.contains_key("coupon"),
+        "a field production removed is removed: {d}"
+    );
     assert_eq!(d.get_str("qaNote").unwrap(), "n");
-    assert_eq!(d.get_str("qa").unwrap(), "staging-qa", "preserved fields stay staging's");
-    assert_eq!(d.get_document("experiments").unwrap(), &doc! { "flag": true }, "experiments.* is staging-owned");
+    assert_eq!(
+        d.get_str("qa").unwrap(),
+        "staging-qa",
+        "preserved fields stay staging's"
+    );
+    assert_eq!(
+        d.get_document("experiments").unwrap(),
+        &doc! { "flag": true },
+        "experiments.* is staging-owned"
+    );
 
     // A business-key change moves the same staging document to the new key.
     let id_before = d.get("_id").cloned();
-    prod.update_one(doc! { "_id": 1 }, doc! { "$set": { "userEmail": "ann@new.org" } }).await.unwrap();
+    prod.update_one(
+        doc! { "_id": 1 },
+        doc! { "$set": { "userEmail": "ann@new.org" } },
+    )
+    .await
+    .unwrap();
     let moved = staging_doc_where(&staging, key("ann@new.org", 1), "re-keyed", |_| true).await;
     assert_eq!(moved.get("_id").cloned(), id_before);
     assert_eq!(moved.get_str("qaNote").unwrap(), "n");
     assert!(find_by(&staging, key("ann@x.org", 1)).await.is_empty());
 
     // A replace drops every field it does not have, except preserved and staging-only ones.
-    prod.replace_one(doc! { "_id": 1 }, doc! { "userEmail": "ann@new.org", "accountId": 1, "status": "shipped" }).await.unwrap();
-    let replaced = staging_doc_where(&staging, key("ann@new.org", 1), "replaced", |d| d.get_str("status") == Ok("shipped")).await;
+    prod.replace_one(
+        doc! { "_id": 1 },
+        doc! { "userEmail": "ann@new.org", "accountId": 1, "status": "shipped" },
+    )
+    .await
+    .unwrap();
+    let replaced = staging_doc_where(&staging, key("ann@new.org", 1), "replaced", |d| {
+        d.get_str("status") == Ok("shipped")
+    })
+    .await;
     assert!(!replaced.contains_key("total"), "{replaced}");
     assert_eq!(replaced.get_str("qaNote").unwrap(), "n");
     assert_eq!(replaced.get_str("qa").unwrap(), "staging-qa");
@@ -91,22 +163,38 @@ async fn delete_soft_deletes_and_a_later_insert_revives() {
     let engine = Engine::start(config).await;
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
-    prod.insert_one(doc! { "_id": 1, "userEmail": "ann@x.org", "accountId": 1, "total": 1 }).await.unwrap();
+    prod.insert_one(doc! { "_id": 1, "userEmail": "ann@x.org", "accountId": 1, "total": 1 })
+        .await
+        .unwrap();
     staging_doc_where(&staging, key("ann@x.org", 1), "inserted", |_| true).await;
-    staging.update_one(key("ann@x.org", 1), doc! { "$set": { "qaNote": "n" } }).await.unwrap();
+    staging
+        .update_one(key("ann@x.org", 1), doc! { "$set": { "qaNote": "n" } })
+        .await
+        .unwrap();
     let before_delete = DateTime::now();
     prod.delete_one(doc! { "_id": 1 }).await.unwrap();
-    let d = staging_doc_where(&staging, key("ann@x.org", 1), "soft-deleted", |d| d.get_bool("deleted") == Ok(true)).await;
+    let d = staging_doc_where(&staging, key("ann@x.org", 1), "soft-deleted", |d| {
+        d.get_bool("deleted") == Ok(true)
+    })
+    .await;
     let deleted_at = d.get_datetime("deletedAt").expect("deletedAt is a date");
     assert!(deleted_at.timestamp_millis() >= before_delete.timestamp_millis() - 5_000);
     assert_eq!(d.get_i32("total").unwrap(), 1, "nothing else is touched");
     assert_eq!(d.get_str("qaNote").unwrap(), "n");
 
-    prod.insert_one(doc! { "_id": 2, "userEmail": "ann@x.org", "accountId": 1, "total": 3 }).await.unwrap();
-    let revived = staging_doc_where(&staging, key("ann@x.org", 1), "revived", |d| d.get_i32("total") == Ok(3)).await;
+    prod.insert_one(doc! { "_id": 2, "userEmail": "ann@x.org", "accountId": 1, "total": 3 })
+        .await
+        .unwrap();
+    let revived = staging_doc_where(&staging, key("ann@x.org", 1), "revived", |d| {
+        d.get_i32("total") == Ok(3)
+    })
+    .await;
     assert!(!revived.contains_key("deleted") && !revived.contains_key("deletedAt"));
     assert_eq!(revived.get_str("qaNote").unwrap(), "n");
-    assert_eq!(revived.get_document("_sync").unwrap().get("id"), Some(&Bson::Int32(2)));
+    assert_eq!(
+        revived.get_document("_sync").unwrap().get("id"),
+        Some(&Bson::Int32(2))
+    );
     assert_eq!(all_docs(&staging).await.len(), 1);
     engine.stop().await.unwrap();
 }
@@ -129,74 +217,161 @@ deletes = "ignore"
     let prod = pair.prod().await;
     let staging = pair.staging().await;
     for name in ["hard", "kept"] {
-        prod.collection::<Document>(name).insert_one(doc! { "_id": 1, "k": "a" }).await.unwrap();
-        staging_doc_where(&staging.collection(name), doc! { "k": "a" }, "inserted", |_| true).await;
-        prod.collection::<Document>(name).delete_one(doc! { "_id": 1 }).await.unwrap();
+        prod.collection::<Document>(name)
+            .insert_one(doc! { "_id": 1, "k": "a" })
+            .await
+            .unwrap();
+        staging_doc_where(
+            &staging.collection(name),
+            doc! { "k": "a" },
+            "inserted",
+            |_| true,
+        )
+        .await;
+        prod.collection::<Document>(name)
+            .delete_one(doc! { "_id": 1 })
+            .await
+            .unwrap();
     }
     let hard = staging.collection::<Document>("hard");
-    eventually("the hard delete", Duration::from_secs(20), || async { all_docs(&hard).await.is_empty() }).await;
+    eventually("the hard delete", Duration::from_secs(20), || async {
+        all_docs(&hard).await.is_empty()
+    })
+    .await;
     // The ignored delete went through the stream before this marker insert was applied.
-    prod.collection::<Document>("kept").insert_one(doc! { "_id": 2, "k": "marker" }).await.unwrap();
+    prod.collection::<Document>("kept")
+        .insert_one(doc! { "_id": 2, "k": "marker" })
+        .await
+        .unwrap();
     let kept = staging.collection::<Document>("kept");
     staging_doc_where(&kept, doc! { "k": "marker" }, "inserted", |_| true).await;
     let a = find_by(&kept, doc! { "k": "a" }).await;
     assert_eq!(a.len(), 1);
-    assert!(!a[0].contains_key("deleted"), "deletes = ignore leaves the document as it was");
+    assert!(
+        !a[0].contains_key("deleted"),
+        "deletes = ignore leaves the document as it was"
+    );
     engine.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn last_write_wins_keeps_a_newer_staging_edit() {
     let pair = Pair::start();
-    let (_, config) = pair.config("conflict = \"last-write-wins\"\nstaging_updated_field = \"updatedAt\"", ORDERS);
+    let (_, config) = pair.config(
+        "conflict = \"last-write-wins\"\nstaging_updated_field = \"updatedAt\"",
+        ORDERS,
+    );
     let engine = Engine::start(config).await;
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
-    prod.insert_one(doc! { "_id": 1, "userEmail": "ann@x.org", "accountId": 1, "total": 1 }).await.unwrap();
+    prod.insert_one(doc! { "_id": 1, "userEmail": "ann@x.org", "accountId": 1, "total": 1 })
+        .await
+        .unwrap();
     staging_doc_where(&staging, key("ann@x.org", 1), "inserted", |_| true).await;
     // A staging edit stamped in the future is newer than the next production change.
     let future = DateTime::from_millis(DateTime::now().timestamp_millis() + 3_600_000);
-    staging.update_one(key("ann@x.org", 1), doc! { "$set": { "total": 100, "updatedAt": future } }).await.unwrap();
-    prod.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 2 } }).await.unwrap();
-    eventually("the conflict to be counted", Duration::from_secs(20), || async {
-        engine.ctx.metrics.conflicts.with_label_values(&["orders"]).get() == 1
-    })
+    staging
+        .update_one(
+            key("ann@x.org", 1),
+            doc! { "$set": { "total": 100, "updatedAt": future } },
+        )
+        .await
+        .unwrap();
+    prod.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 2 } })
+        .await
+        .unwrap();
+    eventually(
+        "the conflict to be counted",
+        Duration::from_secs(20),
+        || async {
+            engine
+                .ctx
+                .metrics
+                .conflicts
+                .with_label_values(&["orders"])
+                .get()
+                == 1
+        },
+    )
     .await;
     let d = find_by(&staging, key("ann@x.org", 1)).await.remove(0);
-    assert_eq!(d.get_i32("total").unwrap(), 100, "the newer staging edit is kept");
+    assert_eq!(
+        d.get_i32("total").unwrap(),
+        100,
+        "the newer staging edit is kept"
+    );
     engine.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn key_collisions_and_schema_versions_ahead_fail_without_stopping_the_stream() {
     let pair = Pair::start();
-    let orders = format!("{ORDERS}schema_version_field = \"schemaVersion\"\nmax_schema_version = 3\n");
+    let orders =
+        format!("{ORDERS}schema_version_field = \"schemaVersion\"\nmax_schema_version = 3\n");
     let (_, config) = pair.config("", &orders);
     let engine = Engine::start(config).await;
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
-    prod.insert_one(doc! { "_id": 1, "userEmail": "a@x.org", "accountId": 1 }).await.unwrap();
-    prod.insert_one(doc! { "_id": 2, "userEmail": "b@x.org", "accountId": 1 }).await.unwrap();
+    prod.insert_one(doc! { "_id": 1, "userEmail": "a@x.org", "accountId": 1 })
+        .await
+        .unwrap();
+    prod.insert_one(doc! { "_id": 2, "userEmail": "b@x.org", "accountId": 1 })
+        .await
+        .unwrap();
     staging_doc_where(&staging, key("b@x.org", 1), "inserted", |_| true).await;
     // Production document 2 takes document 1's key (production has no unique index on it).
-    prod.update_one(doc! { "_id": 2 }, doc! { "$set": { "userEmail": "a@x.org", "v": 1 } }).await.unwrap();
-    prod.insert_one(doc! { "_id": 3, "userEmail": "c@x.org", "accountId": 1, "schemaVersion": 4 }).await.unwrap();
-    prod.insert_one(doc! { "_id": 4, "userEmail": "d@x.org", "accountId": 1 }).await.unwrap();
-    staging_doc_where(&staging, key("d@x.org", 1), "inserted after the poison changes", |_| true).await;
+    prod.update_one(
+        doc! { "_id": 2 },
+        doc! { "$set": { "userEmail": "a@x.org", "v": 1 } },
+    )
+    .await
+    .unwrap();
+    prod.insert_one(doc! { "_id": 3, "userEmail": "c@x.org", "accountId": 1, "schemaVersion": 4 })
+        .await
+        .unwrap();
+    prod.insert_one(doc! { "_id": 4, "userEmail": "d@x.org", "accountId": 1 })
+        .await
+        .unwrap();
+    staging_doc_where(
+        &staging,
+        key("d@x.org", 1),
+        "inserted after the poison changes",
+        |_| true,
+    )
+    .await;
 
     let dead = pair.meta().await.collection::<Document>("dead_letters");
-    eventually("two dead letters", Duration::from_secs(20), || async { all_docs(&dead).await.len() == 2 }).await;
+    eventually("two dead letters", Duration::from_secs(20), || async {
+        all_docs(&dead).await.len() == 2
+    })
+    .await;
     let letters = all_docs(&dead).await;
-    let reasons: Vec<&str> = letters.iter().map(|d| d.get_document("error").unwrap().get_str("code").unwrap()).collect();
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|d| d.get_document("error").unwrap().get_str("code").unwrap())
+        .collect();
     assert!(reasons.contains(&"key_collision"), "{letters:?}");
     assert!(reasons.contains(&"schema_ahead"), "{letters:?}");
-    let schema = letters.iter().find(|d| d.get_document("error").unwrap().get_str("code") == Ok("schema_ahead")).unwrap();
-    assert_eq!(schema.get_document("error").unwrap().get_str("message").unwrap(), "schema version 4 is ahead of staging's 3");
+    let schema = letters
+        .iter()
+        .find(|d| d.get_document("error").unwrap().get_str("code") == Ok("schema_ahead"))
+        .unwrap();
+    assert_eq!(
+        schema
+            .get_document("error")
+            .unwrap()
+            .get_str("message")
+            .unwrap(),
+        "schema version 4 is ahead of staging's 3"
+    );
     assert!(find_by(&staging, key("c@x.org", 1)).await.is_empty());
     // Staging keeps one document per key; the colliding change did not overwrite document 1.
     let a = find_by(&staging, key("a@x.org", 1)).await;
     assert_eq!(a.len(), 1);
-    assert_eq!(a[0].get_document("_sync").unwrap().get("id"), Some(&Bson::Int32(1)));
+    assert_eq!(
+        a[0].get_document("_sync").unwrap().get("id"),
+        Some(&Bson::Int32(1))
+    );
     engine.stop().await.unwrap();
 }
 
@@ -207,10 +382,19 @@ async fn unique_business_key_and_production_id_indexes_are_created() {
     let engine = Engine::start(config).await;
     let staging = pair.staging().await.collection::<Document>("orders");
     let indexes = staging.list_index_names().await.unwrap();
-    assert!(indexes.contains(&"stagesync_business_key".to_string()), "{indexes:?}");
-    assert!(indexes.contains(&"stagesync_production_id".to_string()), "{indexes:?}");
+    assert!(
+        indexes.contains(&"stagesync_business_key".to_string()),
+        "{indexes:?}"
+    );
+    assert!(
+        indexes.contains(&"stagesync_production_id".to_string()),
+        "{indexes:?}"
+    );
     let err = staging
-        .insert_many(vec![doc! { "userEmail": "z@x.org", "accountId": 9 }, doc! { "userEmail": "z@x.org", "accountId": 9 }])
+        .insert_many(vec![
+            doc! { "userEmail": "z@x.org", "accountId": 9 },
+            doc! { "userEmail": "z@x.org", "accountId": 9 },
+        ])
         .await;
     assert!(err.is_err(), "the business key index is unique");
     engine.stop().await.unwrap();
@@ -223,16 +407,32 @@ async fn dropping_the_production_collection_never_deletes_staging_data() {
     let engine = Engine::start(config).await;
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
-    prod.insert_one(doc! { "userEmail": "a@x.org", "accountId": 1 }).await.unwrap();
+    prod.insert_one(doc! { "userEmail": "a@x.org", "accountId": 1 })
+        .await
+        .unwrap();
     staging_doc_where(&staging, key("a@x.org", 1), "inserted", |_| true).await;
     prod.drop().await.unwrap();
     eventually("the drop to be seen", Duration::from_secs(20), || async {
-        engine.ctx.metrics.ddl_events.with_label_values(&["orders", "drop"]).get() >= 1
+        engine
+            .ctx
+            .metrics
+            .ddl_events
+            .with_label_values(&["orders", "drop"])
+            .get()
+            >= 1
     })
     .await;
     // The stream goes on after the invalidate: a new collection of that name still syncs.
-    prod.insert_one(doc! { "userEmail": "b@x.org", "accountId": 1 }).await.unwrap();
-    staging_doc_where(&staging, key("b@x.org", 1), "inserted after the drop", |_| true).await;
+    prod.insert_one(doc! { "userEmail": "b@x.org", "accountId": 1 })
+        .await
+        .unwrap();
+    staging_doc_where(
+        &staging,
+        key("b@x.org", 1),
+        "inserted after the drop",
+        |_| true,
+    )
+    .await;
     let a = find_by(&staging, key("a@x.org", 1)).await;
     assert_eq!(a.len(), 1, "staging data survives a production drop");
     assert!(!a[0].contains_key("deleted"));
@@ -244,22 +444,41 @@ async fn replaying_the_stream_from_an_old_checkpoint_changes_nothing() {
     let pair = Pair::start();
     let (_, config) = pair.config("", ORDERS);
     let engine = Engine::start(config.clone()).await;
-    let first = engine.ctx.checkpoints.load("orders").await.unwrap().unwrap();
+    let first = engine
+        .ctx
+        .checkpoints
+        .load("orders")
+        .await
+        .unwrap()
+        .unwrap();
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
     for i in 0..20 {
-        prod.insert_one(doc! { "_id": i, "userEmail": format!("u{i}@x.org"), "accountId": i, "v": 0 }).await.unwrap();
+        prod.insert_one(
+            doc! { "_id": i, "userEmail": format!("u{i}@x.org"), "accountId": i, "v": 0 },
+        )
+        .await
+        .unwrap();
     }
     for i in 0..20 {
-        prod.update_one(doc! { "_id": i }, doc! { "$set": { "v": 1 } }).await.unwrap();
+        prod.update_one(doc! { "_id": i }, doc! { "$set": { "v": 1 } })
+            .await
+            .unwrap();
         if i % 3 == 0 {
-            prod.update_one(doc! { "_id": i }, doc! { "$set": { "userEmail": format!("moved{i}@x.org") } }).await.unwrap();
+            prod.update_one(
+                doc! { "_id": i },
+                doc! { "$set": { "userEmail": format!("moved{i}@x.org") } },
+            )
+            .await
+            .unwrap();
         }
         if i % 5 == 0 {
             prod.delete_one(doc! { "_id": i }).await.unwrap();
         }
     }
-    prod.insert_one(doc! { "_id": "marker", "userEmail": "marker", "accountId": 0 }).await.unwrap();
+    prod.insert_one(doc! { "_id": "marker", "userEmail": "marker", "accountId": 0 })
+        .await
+        .unwrap();
     staging_doc_where(&staging, doc! { "userEmail": "marker" }, "synced", |_| true).await;
     engine.stop().await.unwrap();
     let before = all_docs(&staging).await;
@@ -267,18 +486,37 @@ async fn replaying_the_stream_from_an_old_checkpoint_changes_nothing() {
     // Rewind the checkpoint to where the stream first opened, and run again.
     engine_ctx_save(&pair, &config, &first).await;
     let again = Engine::start(config).await;
-    prod.insert_one(doc! { "_id": "marker2", "userEmail": "marker2", "accountId": 0 }).await.unwrap();
-    staging_doc_where(&staging, doc! { "userEmail": "marker2" }, "synced", |_| true).await;
-    let replayed_inserts = again.ctx.metrics.changes.with_label_values(&["orders", "insert", "skipped", "stale"]).get();
-    assert_eq!(replayed_inserts, 21, "the first run's inserts were read again and skipped as stale");
+    prod.insert_one(doc! { "_id": "marker2", "userEmail": "marker2", "accountId": 0 })
+        .await
+        .unwrap();
+    staging_doc_where(&staging, doc! { "userEmail": "marker2" }, "synced", |_| {
+        true
+    })
+    .await;
+    let replayed_inserts = again
+        .ctx
+        .metrics
+        .changes
+        .with_label_values(&["orders", "insert", "skipped", "stale"])
+        .get();
+    assert_eq!(
+        replayed_inserts, 21,
+        "the first run's inserts were read again and skipped as stale"
+    );
     again.stop().await.unwrap();
     let mut after = all_docs(&staging).await;
     after.retain(|d| d.get_str("userEmail") != Ok("marker2"));
     assert_eq!(before, after, "a replayed stretch of the stream is a no-op");
 }
 
-async fn engine_ctx_save(pair: &Pair, config: &std::sync::Arc<stagesync::config::Config>, cp: &stagesync::checkpoint::Checkpoint) {
+async fn engine_ctx_save(
+    pair: &Pair,
+    config: &std::sync::Arc<stagesync::config::Config>,
+    cp: &stagesync::checkpoint::Checkpoint,
+) {
     let _ = pair;
-    let ctx = stagesync::engine::Context::connect(config.clone()).await.unwrap();
+    let ctx = stagesync::engine::Context::connect(config.clone())
+        .await
+        .unwrap();
     ctx.checkpoints.save("orders", cp).await.unwrap();
 }

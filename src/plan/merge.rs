@@ -38,7 +38,13 @@ pub fn merge_into(
 }
 
 /// Sets `doc[key] = value` for a production-owned key at `path`, keeping preserved parts.
-fn assign_owned(doc: &mut Document, key: &str, value: &Bson, path: &mut Vec<String>, preserve: &PathPatterns) {
+fn assign_owned(
+    doc: &mut Document,
+    key: &str,
+    value: &Bson,
+    path: &mut Vec<String>,
+    preserve: &PathPatterns,
+) {
     if preserve.covers(path) {
         return;
     }
@@ -61,7 +67,11 @@ fn assign_owned(doc: &mut Document, key: &str, value: &Bson, path: &mut Vec<Stri
         return;
     };
     // Keys production no longer has (and staging does not own) go.
-    let stale: Vec<String> = sub.keys().filter(|k| !prod_sub.contains_key(k.as_str())).cloned().collect();
+    let stale: Vec<String> = sub
+        .keys()
+        .filter(|k| !prod_sub.contains_key(k.as_str()))
+        .cloned()
+        .collect();
     for k in stale {
         path.push(k.clone());
         remove_owned(sub, &k, path, preserve);
@@ -111,7 +121,13 @@ pub fn diff(before: &Document, after: &Document) -> (Document, Document) {
     (set, unset)
 }
 
-fn diff_into(before: &Document, after: &Document, prefix: &str, set: &mut Document, unset: &mut Document) {
+fn diff_into(
+    before: &Document,
+    after: &Document,
+    prefix: &str,
+    set: &mut Document,
+    unset: &mut Document,
+) {
     for (k, new) in after {
         let path = format!("{prefix}{k}");
         match before.get(k) {

@@ -95,7 +95,11 @@ impl Rules {
     /// key of an insert (adoption), of a change whose `_id` staging does not know, or that
     /// differs from the found document's key (a key change must check who holds the new key).
     /// The common update that keeps its key needs no key lookup at all.
-    pub fn keys_to_look_up(&self, changes: &[Change], found_by_id: &[Document]) -> Vec<BusinessKey> {
+    pub fn keys_to_look_up(
+        &self,
+        changes: &[Change],
+        found_by_id: &[Document],
+    ) -> Vec<BusinessKey> {
         let known: HashMap<Vec<u8>, Option<Vec<u8>>> = found_by_id
             .iter()
             .filter_map(|d| {
@@ -110,7 +114,9 @@ impl Rules {
                 let key = self.key_of(c.doc.as_ref()?).ok()?;
                 let canonical_key = key.canonical();
                 let settled = c.op != Op::Insert
-                    && known.get(&canonical(&c.prod_id)).is_some_and(|k| k.as_ref() == Some(&canonical_key));
+                    && known
+                        .get(&canonical(&c.prod_id))
+                        .is_some_and(|k| k.as_ref() == Some(&canonical_key));
                 (!settled && seen.insert(canonical_key)).then_some(key)
             })
             .collect()
@@ -144,7 +150,12 @@ pub struct BusinessKey(pub Vec<Bson>);
 impl BusinessKey {
     /// A byte string equal for equal keys (BSON of the values), usable as a map key.
     pub fn canonical(&self) -> Vec<u8> {
-        let d: Document = self.0.iter().enumerate().map(|(i, v)| (i.to_string(), v.clone())).collect();
+        let d: Document = self
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i.to_string(), v.clone()))
+            .collect();
         let mut out = vec![b'k'];
         out.extend(mongodb::bson::to_vec(&d).unwrap_or_default());
         out
@@ -228,8 +239,11 @@ pub struct Failed {
 }
 
 impl Failed {
-    fn new(code: &str, message: String) -> Outcome {
-        Outcome::Failed(Failed { code: code.into(), message })
+    fn outcome(code: &str, message: String) -> Outcome {
+        Outcome::Failed(Failed {
+            code: code.into(),
+            message,
+        })
     }
 }
 
@@ -237,8 +251,14 @@ impl Failed {
 #[derive(Debug, Clone, PartialEq)]
 pub enum WriteOp {
     Insert(Document),
-    Update { id: Bson, set: Document, unset: Document },
-    Delete { id: Bson },
+    Update {
+        id: Bson,
+        set: Document,
+        unset: Document,
+    },
+    Delete {
+        id: Bson,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -273,7 +293,12 @@ struct Working<'r> {
 
 impl<'r> Working<'r> {
     fn new(rules: &'r Rules, existing: Vec<Document>) -> Working<'r> {
-        let mut w = Working { rules, slots: Vec::new(), by_prod_id: HashMap::new(), by_key: HashMap::new() };
+        let mut w = Working {
+            rules,
+            slots: Vec::new(),
+            by_prod_id: HashMap::new(),
+            by_key: HashMap::new(),
+        };
         let mut seen = std::collections::HashSet::new();
         for d in existing {
             if seen.insert(d.get("_id").map(canonical)) {
@@ -285,7 +310,11 @@ impl<'r> Working<'r> {
 
     fn add(&mut self, original: Option<Document>, current: Document) -> usize {
         let i = self.slots.len();
-        self.slots.push(Slot { original, current: Some(current), changes: vec![] });
+        self.slots.push(Slot {
+            original,
+            current: Some(current),
+            changes: vec![],
+        });
         self.index(i);
         i
     }
@@ -294,7 +323,9 @@ impl<'r> Working<'r> {
     /// document adopting another's soft-deleted twin by key); the most recently synced claim
     /// wins, so the outcome does not depend on the order documents were fetched in.
     fn index(&mut self, i: usize) {
-        let Some(doc) = &self.slots[i].current else { return };
+        let Some(doc) = &self.slots[i].current else {
+            return;
+        };
         let meta = meta_of(doc, &self.rules.meta_field);
         if let Some(id) = meta.and_then(|m| m.get("id")) {
             let ts = meta.and_then(|m| m.get_timestamp("ts").ok()).map(ts_key);
@@ -330,19 +361,30 @@ impl<'r> Working<'r> {
     }
 
     fn doc(&self, i: usize) -> &Document {
-        self.slots[i].current.as_ref().expect("located slots are live")
+        self.slots[i]
+            .current
+            .as_ref()
+            .expect("located slots are live")
     }
 
     fn find_by_prod_id(&self, id: &Bson) -> Option<usize> {
-        self.by_prod_id.get(&canonical(id)).copied().filter(|&i| self.slots[i].current.is_some())
+        self.by_prod_id
+            .get(&canonical(id))
+            .copied()
+            .filter(|&i| self.slots[i].current.is_some())
     }
 
     fn find_by_key(&self, key: &BusinessKey) -> Option<usize> {
-        self.by_key.get(&key.canonical()).copied().filter(|&i| self.slots[i].current.is_some())
+        self.by_key
+            .get(&key.canonical())
+            .copied()
+            .filter(|&i| self.slots[i].current.is_some())
     }
 
     fn is_soft_deleted(&self, i: usize) -> bool {
-        self.doc(i).get_bool(&self.rules.soft_delete_field).unwrap_or(false)
+        self.doc(i)
+            .get_bool(&self.rules.soft_delete_field)
+            .unwrap_or(false)
     }
 
     fn owner(&self, i: usize) -> Option<&Bson> {
@@ -364,7 +406,12 @@ fn ts_key(t: Timestamp) -> (u32, u32) {
 /// `existing` holds the staging documents found by [`Rules::id_filter`] and
 /// [`Rules::key_filter`] (duplicates are fine); `now` stands in for
 /// a delete's wall time when production did not send one.
-pub fn plan_batch(rules: &Rules, changes: &[Change], existing: Vec<Document>, now: DateTime) -> Plan {
+pub fn plan_batch(
+    rules: &Rules,
+    changes: &[Change],
+    existing: Vec<Document>,
+    now: DateTime,
+) -> Plan {
     let mut w = Working::new(rules, existing);
     let outcomes = changes
         .iter()
@@ -389,12 +436,21 @@ pub fn plan_batch(rules: &Rules, changes: &[Change], existing: Vec<Document>, no
                     if set.is_empty() && unset.is_empty() {
                         return None;
                     }
-                    WriteOp::Update { id: before.get("_id").cloned().unwrap_or(Bson::Null), set, unset }
+                    WriteOp::Update {
+                        id: before.get("_id").cloned().unwrap_or(Bson::Null),
+                        set,
+                        unset,
+                    }
                 }
-                (Some(before), None) => WriteOp::Delete { id: before.get("_id").cloned().unwrap_or(Bson::Null) },
+                (Some(before), None) => WriteOp::Delete {
+                    id: before.get("_id").cloned().unwrap_or(Bson::Null),
+                },
                 (None, None) => return None,
             };
-            Some(PlannedWrite { op, changes: s.changes })
+            Some(PlannedWrite {
+                op,
+                changes: s.changes,
+            })
         })
         .collect();
     Plan { writes, outcomes }
@@ -413,7 +469,10 @@ fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
         if let Some(v) = get_path(prod, field).and_then(as_i64) {
             if v > *max {
                 return (
-                    Failed::new("schema_ahead", format!("schema version {v} is ahead of staging's {max}")),
+                    Failed::outcome(
+                        "schema_ahead",
+                        format!("schema version {v} is ahead of staging's {max}"),
+                    ),
                     None,
                 );
             }
@@ -423,7 +482,10 @@ fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
         Ok(k) => k,
         Err(field) => {
             return (
-                Failed::new("missing_key", format!("the production document has no business key field `{field}`")),
+                Failed::outcome(
+                    "missing_key",
+                    format!("the production document has no business key field `{field}`"),
+                ),
                 None,
             )
         }
@@ -437,7 +499,9 @@ fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
         _ => by_id.or(by_key),
     };
     if let Some(t) = target {
-        if let Some(seen) = meta_of(w.doc(t), &rules.meta_field).and_then(|m| m.get_timestamp("ts").ok()) {
+        if let Some(seen) =
+            meta_of(w.doc(t), &rules.meta_field).and_then(|m| m.get_timestamp("ts").ok())
+        {
             if ts_key(c.cluster_time) <= ts_key(seen) {
                 return (Outcome::Skipped(Skip::Stale), None);
             }
@@ -478,7 +542,7 @@ fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
 fn collision(rules: &Rules, key: &BusinessKey, holder: &Document, soft_deleted: bool) -> Outcome {
     let state = if soft_deleted { "soft-deleted" } else { "live" };
     let id = holder.get("_id").map(short).unwrap_or_default();
-    Failed::new(
+    Failed::outcome(
         "key_collision",
         format!(
             "business key {} already belongs to {state} staging document _id {id}",
@@ -496,7 +560,11 @@ fn merge_change(rules: &Rules, staging: &mut Document, prod: &Document, c: &Chan
         .collect();
     let previously: Vec<String> = meta_of(staging, &rules.meta_field)
         .and_then(|m| m.get_array("fields").ok())
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     merge::merge_into(staging, prod, &prod_fields, &previously, &rules.preserve);
     // Reviving: production has the document again, so the soft-delete marks go (unless
@@ -520,7 +588,9 @@ fn plan_delete(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
     let Some(t) = w.find_by_prod_id(&c.prod_id) else {
         return (Outcome::Skipped(Skip::Unknown), None);
     };
-    let meta = meta_of(w.doc(t), &rules.meta_field).cloned().unwrap_or_default();
+    let meta = meta_of(w.doc(t), &rules.meta_field)
+        .cloned()
+        .unwrap_or_default();
     if let Ok(seen) = meta.get_timestamp("ts") {
         if ts_key(c.cluster_time) <= ts_key(seen) {
             return (Outcome::Skipped(Skip::Stale), None);

@@ -53,7 +53,10 @@ impl PathPatterns {
 }
 
 fn segments_match<S: AsRef<str>>(pattern: &[String], path: &[S]) -> bool {
-    pattern.iter().zip(path).all(|(p, s)| p == "*" || p == s.as_ref())
+    pattern
+        .iter()
+        .zip(path)
+        .all(|(p, s)| p == "*" || p == s.as_ref())
 }
 
 #[cfg(test)]

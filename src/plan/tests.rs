@@ -21,7 +21,10 @@ fn rules() -> Rules {
 }
 
 fn ts(n: u32) -> Timestamp {
-    Timestamp { time: 1000 + n, increment: 1 }
+    Timestamp {
+        time: 1000 + n,
+        increment: 1,
+    }
 }
 
 fn change(op: Op, id: i32, doc: Option<Document>, n: u32) -> Change {
@@ -43,7 +46,10 @@ fn apply(staging: &mut Vec<Document>, plan: &Plan) {
             WriteOp::Insert(d) => staging.push(d.clone()),
             WriteOp::Delete { id } => staging.retain(|d| d.get("_id") != Some(id)),
             WriteOp::Update { id, set, unset } => {
-                let d = staging.iter_mut().find(|d| d.get("_id") == Some(id)).expect("update of a known document");
+                let d = staging
+                    .iter_mut()
+                    .find(|d| d.get("_id") == Some(id))
+                    .expect("update of a known document");
                 for (path, v) in set {
                     set_path(d, path, v.clone());
                 }
@@ -85,13 +91,25 @@ fn unset_path(d: &mut Document, path: &str) {
 }
 
 fn plan_now(changes: &[Change], staging: &[Document]) -> Plan {
-    plan_batch(&rules(), changes, staging.to_vec(), DateTime::from_millis(5))
+    plan_batch(
+        &rules(),
+        changes,
+        staging.to_vec(),
+        DateTime::from_millis(5),
+    )
 }
 
 #[test]
 fn insert_adopts_by_key_and_keeps_staging_fields() {
-    let staging = vec![doc! { "_id": "s1", "email": "a", "acct": 1, "qa": "note", "total": 0, "deleted": true, "deletedAt": DateTime::from_millis(1) }];
-    let c = change(Op::Insert, 7, Some(doc! { "_id": 7, "email": "a", "acct": 1, "total": 5, "qa": "prod" }), 1);
+    let staging = vec![
+        doc! { "_id": "s1", "email": "a", "acct": 1, "qa": "note", "total": 0, "deleted": true, "deletedAt": DateTime::from_millis(1) },
+    ];
+    let c = change(
+        Op::Insert,
+        7,
+        Some(doc! { "_id": 7, "email": "a", "acct": 1, "total": 5, "qa": "prod" }),
+        1,
+    );
     let plan = plan_now(&[c], &staging);
     assert_eq!(plan.outcomes, vec![Outcome::Applied]);
     let mut after = staging.clone();
@@ -99,18 +117,45 @@ fn insert_adopts_by_key_and_keeps_staging_fields() {
     let d = &after[0];
     assert_eq!(d.get_str("_id").unwrap(), "s1");
     assert_eq!(d.get_i32("total").unwrap(), 5);
-    assert_eq!(d.get_str("qa").unwrap(), "note", "preserved fields are staging's");
+    assert_eq!(
+        d.get_str("qa").unwrap(),
+        "note",
+        "preserved fields are staging's"
+    );
     assert!(!d.contains_key("deleted") && !d.contains_key("deletedAt"));
-    assert_eq!(d.get_document("_sync").unwrap(), &doc! { "id": 7, "ts": ts(1), "fields": ["email", "acct", "total", "qa"] });
+    assert_eq!(
+        d.get_document("_sync").unwrap(),
+        &doc! { "id": 7, "ts": ts(1), "fields": ["email", "acct", "total", "qa"] }
+    );
 }
 
 #[test]
 fn coalesces_a_batch_into_one_write_per_document() {
     let changes = vec![
-        change(Op::Insert, 1, Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 1 }), 1),
-        change(Op::Update, 1, Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 2 }), 2),
-        change(Op::Update, 1, Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 3 }), 3),
-        change(Op::Insert, 2, Some(doc! { "_id": 2, "email": "b", "acct": 1 }), 4),
+        change(
+            Op::Insert,
+            1,
+            Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 1 }),
+            1,
+        ),
+        change(
+            Op::Update,
+            1,
+            Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 2 }),
+            2,
+        ),
+        change(
+            Op::Update,
+            1,
+            Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 3 }),
+            3,
+        ),
+        change(
+            Op::Insert,
+            2,
+            Some(doc! { "_id": 2, "email": "b", "acct": 1 }),
+            4,
+        ),
         change(Op::Delete, 2, None, 5),
     ];
     let plan = plan_now(&changes, &[]);
@@ -118,17 +163,39 @@ fn coalesces_a_batch_into_one_write_per_document() {
     assert!(plan.outcomes.iter().all(|o| *o == Outcome::Applied));
     let mut after = vec![];
     apply(&mut after, &plan);
-    let a = after.iter().find(|d| d.get_str("email") == Ok("a")).unwrap();
+    let a = after
+        .iter()
+        .find(|d| d.get_str("email") == Ok("a"))
+        .unwrap();
     assert_eq!(a.get_i32("v").unwrap(), 3);
-    let b = after.iter().find(|d| d.get_str("email") == Ok("b")).unwrap();
-    assert_eq!(b.get_bool("deleted").unwrap(), true, "insert + delete = a soft-deleted insert");
-    assert_eq!(b.get_datetime("deletedAt").unwrap(), &DateTime::from_millis(1_000_005));
+    let b = after
+        .iter()
+        .find(|d| d.get_str("email") == Ok("b"))
+        .unwrap();
+    assert!(
+        b.get_bool("deleted").unwrap(),
+        "insert + delete = a soft-deleted insert"
+    );
+    assert_eq!(
+        b.get_datetime("deletedAt").unwrap(),
+        &DateTime::from_millis(1_000_005)
+    );
 }
 
 #[test]
 fn stale_changes_are_skipped() {
-    let staging = vec![doc! { "_id": "s", "email": "a", "acct": 1, "v": 9, "_sync": { "id": 1, "ts": ts(5), "fields": ["email", "acct", "v"] } }];
-    let plan = plan_now(&[change(Op::Update, 1, Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 1 }), 5)], &staging);
+    let staging = vec![
+        doc! { "_id": "s", "email": "a", "acct": 1, "v": 9, "_sync": { "id": 1, "ts": ts(5), "fields": ["email", "acct", "v"] } },
+    ];
+    let plan = plan_now(
+        &[change(
+            Op::Update,
+            1,
+            Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 1 }),
+            5,
+        )],
+        &staging,
+    );
     assert_eq!(plan.outcomes, vec![Outcome::Skipped(Skip::Stale)]);
     assert!(plan.writes.is_empty());
     let plan = plan_now(&[change(Op::Delete, 1, None, 4)], &staging);
@@ -149,8 +216,15 @@ fn removed_fields_go_unless_preserved_and_nested_preserves_survive() {
     let d = &after[0];
     assert!(!d.contains_key("old"));
     assert_eq!(d.get_str("mine").unwrap(), "staging-only");
-    assert_eq!(d.get_document("exp").unwrap(), &doc! { "f": true }, "exp.* stays staging's");
-    assert_eq!(d.get_document("profile").unwrap(), &doc! { "name": "y", "notes": "n" });
+    assert_eq!(
+        d.get_document("exp").unwrap(),
+        &doc! { "f": true },
+        "exp.* stays staging's"
+    );
+    assert_eq!(
+        d.get_document("profile").unwrap(),
+        &doc! { "name": "y", "notes": "n" }
+    );
 }
 
 #[test]
@@ -159,29 +233,79 @@ fn key_changes_move_the_document_and_collisions_fail() {
         doc! { "_id": "s1", "email": "a", "acct": 1, "_sync": { "id": 1, "ts": ts(1), "fields": ["email", "acct"] } },
         doc! { "_id": "s2", "email": "b", "acct": 1, "_sync": { "id": 2, "ts": ts(1), "fields": ["email", "acct"] } },
     ];
-    let moved = plan_now(&[change(Op::Update, 1, Some(doc! { "_id": 1, "email": "c", "acct": 1 }), 2)], &staging);
+    let moved = plan_now(
+        &[change(
+            Op::Update,
+            1,
+            Some(doc! { "_id": 1, "email": "c", "acct": 1 }),
+            2,
+        )],
+        &staging,
+    );
     assert_eq!(moved.outcomes, vec![Outcome::Applied]);
-    assert!(matches!(&moved.writes[0].op, WriteOp::Update { id, set, .. } if id == &Bson::String("s1".into()) && set.get_str("email") == Ok("c")));
-    let collide = plan_now(&[change(Op::Update, 1, Some(doc! { "_id": 1, "email": "b", "acct": 1 }), 2)], &staging);
+    assert!(
+        matches!(&moved.writes[0].op, WriteOp::Update { id, set, .. } if id == &Bson::String("s1".into()) && set.get_str("email") == Ok("c"))
+    );
+    let collide = plan_now(
+        &[change(
+            Op::Update,
+            1,
+            Some(doc! { "_id": 1, "email": "b", "acct": 1 }),
+            2,
+        )],
+        &staging,
+    );
     match &collide.outcomes[0] {
         Outcome::Failed(f) => {
             assert_eq!(f.code, "key_collision");
-            assert!(f.message.contains("email=b, acct=1") && f.message.contains("s2"), "{}", f.message);
+            assert!(
+                f.message.contains("email=b, acct=1") && f.message.contains("s2"),
+                "{}",
+                f.message
+            );
         }
         other => panic!("expected a collision, got {other:?}"),
     }
     assert!(collide.writes.is_empty());
     // An insert of a key another live production document owns is a collision too.
-    let dup = plan_now(&[change(Op::Insert, 3, Some(doc! { "_id": 3, "email": "b", "acct": 1 }), 2)], &staging);
+    let dup = plan_now(
+        &[change(
+            Op::Insert,
+            3,
+            Some(doc! { "_id": 3, "email": "b", "acct": 1 }),
+            2,
+        )],
+        &staging,
+    );
     assert!(matches!(&dup.outcomes[0], Outcome::Failed(f) if f.code == "key_collision"));
 }
 
 #[test]
 fn schema_guard_missing_keys_and_null_documents() {
-    let plan = plan_now(&[change(Op::Insert, 1, Some(doc! { "_id": 1, "email": "a", "acct": 1, "sv": 4 }), 1)], &[]);
-    assert!(matches!(&plan.outcomes[0], Outcome::Failed(f) if f.code == "schema_ahead" && f.message == "schema version 4 is ahead of staging's 3"));
-    let plan = plan_now(&[change(Op::Insert, 1, Some(doc! { "_id": 1, "email": "a" }), 1)], &[]);
-    assert!(matches!(&plan.outcomes[0], Outcome::Failed(f) if f.code == "missing_key" && f.message.contains("`acct`")));
+    let plan = plan_now(
+        &[change(
+            Op::Insert,
+            1,
+            Some(doc! { "_id": 1, "email": "a", "acct": 1, "sv": 4 }),
+            1,
+        )],
+        &[],
+    );
+    assert!(
+        matches!(&plan.outcomes[0], Outcome::Failed(f) if f.code == "schema_ahead" && f.message == "schema version 4 is ahead of staging's 3")
+    );
+    let plan = plan_now(
+        &[change(
+            Op::Insert,
+            1,
+            Some(doc! { "_id": 1, "email": "a" }),
+            1,
+        )],
+        &[],
+    );
+    assert!(
+        matches!(&plan.outcomes[0], Outcome::Failed(f) if f.code == "missing_key" && f.message.contains("`acct`"))
+    );
     let plan = plan_now(&[change(Op::Update, 1, None, 1)], &[]);
     assert_eq!(plan.outcomes, vec![Outcome::Skipped(Skip::NoFullDocument)]);
     let plan = plan_now(&[change(Op::Delete, 1, None, 1)], &[]);
@@ -192,8 +316,20 @@ fn schema_guard_missing_keys_and_null_documents() {
 fn last_write_wins_keeps_newer_staging_edits() {
     let mut r = rules();
     r.staging_updated_field = Some("updatedAt".into());
-    let staging = vec![doc! { "_id": "s", "email": "a", "acct": 1, "v": 5, "updatedAt": DateTime::from_millis(2_000_000), "_sync": { "id": 1, "ts": ts(1), "fields": ["email", "acct", "v"] } }];
-    let plan = plan_batch(&r, &[change(Op::Update, 1, Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 6 }), 2)], staging, DateTime::now());
+    let staging = vec![
+        doc! { "_id": "s", "email": "a", "acct": 1, "v": 5, "updatedAt": DateTime::from_millis(2_000_000), "_sync": { "id": 1, "ts": ts(1), "fields": ["email", "acct", "v"] } },
+    ];
+    let plan = plan_batch(
+        &r,
+        &[change(
+            Op::Update,
+            1,
+            Some(doc! { "_id": 1, "email": "a", "acct": 1, "v": 6 }),
+            2,
+        )],
+        staging,
+        DateTime::now(),
+    );
     assert_eq!(plan.outcomes, vec![Outcome::Skipped(Skip::StagingNewer)]);
 }
 
@@ -202,14 +338,41 @@ fn lookups_skip_keys_of_updates_that_keep_them() {
     let r = rules();
     let found = vec![doc! { "_id": "s", "email": "a", "acct": 1, "_sync": { "id": 1 } }];
     let changes = vec![
-        change(Op::Update, 1, Some(doc! { "_id": 1, "email": "a", "acct": 1 }), 1), // same key: no lookup
-        change(Op::Update, 2, Some(doc! { "_id": 2, "email": "b", "acct": 1 }), 2), // unknown _id
-        change(Op::Insert, 3, Some(doc! { "_id": 3, "email": "c", "acct": 2 }), 3), // adoption
+        change(
+            Op::Update,
+            1,
+            Some(doc! { "_id": 1, "email": "a", "acct": 1 }),
+            1,
+        ), // same key: no lookup
+        change(
+            Op::Update,
+            2,
+            Some(doc! { "_id": 2, "email": "b", "acct": 1 }),
+            2,
+        ), // unknown _id
+        change(
+            Op::Insert,
+            3,
+            Some(doc! { "_id": 3, "email": "c", "acct": 2 }),
+            3,
+        ), // adoption
     ];
     let keys = r.keys_to_look_up(&changes, &found);
-    assert_eq!(keys, vec![BusinessKey(vec!["b".into(), 1.into()]), BusinessKey(vec!["c".into(), 2.into()])]);
-    assert_eq!(r.key_filter(&keys).unwrap(), doc! { "email": { "$in": ["b", "c"] }, "acct": { "$in": [1, 2] } });
-    assert_eq!(r.id_filter(&changes).unwrap(), doc! { "_sync.id": { "$in": [1, 2, 3] } });
+    assert_eq!(
+        keys,
+        vec![
+            BusinessKey(vec!["b".into(), 1.into()]),
+            BusinessKey(vec!["c".into(), 2.into()])
+        ]
+    );
+    assert_eq!(
+        r.key_filter(&keys).unwrap(),
+        doc! { "email": { "$in": ["b", "c"] }, "acct": { "$in": [1, 2] } }
+    );
+    assert_eq!(
+        r.id_filter(&changes).unwrap(),
+        doc! { "_sync.id": { "$in": [1, 2, 3] } }
+    );
 }
 
 #[test]
@@ -225,8 +388,15 @@ fn diff_descends_into_documents_and_unsets_removed_paths() {
 /// Production operations on a few documents, for the coalescing property.
 #[derive(Debug, Clone)]
 enum GenOp {
-    Upsert { id: i32, email: u8, v: i32, with_opt: bool },
-    Delete { id: i32 },
+    Upsert {
+        id: i32,
+        email: u8,
+        v: i32,
+        with_opt: bool,
+    },
+    Delete {
+        id: i32,
+    },
 }
 
 fn gen_op() -> impl Strategy<Value = GenOp> {
@@ -242,15 +412,26 @@ fn to_changes(ops: &[GenOp]) -> Vec<Change> {
     ops.iter()
         .enumerate()
         .filter_map(|(n, op)| match op {
-            GenOp::Upsert { id, email, v, with_opt } => {
+            GenOp::Upsert {
+                id,
+                email,
+                v,
+                with_opt,
+            } => {
                 let mut d = doc! { "_id": *id, "email": format!("e{email}"), "acct": 1, "v": *v };
                 if *with_opt {
                     d.insert("opt", "o");
                 }
-                let kind = if live.insert(*id) { Op::Insert } else { Op::Replace };
+                let kind = if live.insert(*id) {
+                    Op::Insert
+                } else {
+                    Op::Replace
+                };
                 Some(change(kind, *id, Some(d), n as u32 + 1))
             }
-            GenOp::Delete { id } => live.remove(id).then(|| change(Op::Delete, *id, None, n as u32 + 1)),
+            GenOp::Delete { id } => live
+                .remove(id)
+                .then(|| change(Op::Delete, *id, None, n as u32 + 1)),
         })
         .collect()
 }

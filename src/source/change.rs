@@ -59,7 +59,11 @@ pub struct Change {
 
 impl Change {
     /// A change for a document read by a snapshot: applied like a replace at `read_time`.
-    pub fn from_snapshot(doc: Document, read_time: Timestamp, wall_time: DateTime) -> Option<Change> {
+    pub fn from_snapshot(
+        doc: Document,
+        read_time: Timestamp,
+        wall_time: DateTime,
+    ) -> Option<Change> {
         let prod_id = doc.get("_id")?.clone();
         Some(Change {
             op: Op::Replace,
@@ -106,7 +110,11 @@ impl Change {
             updated_fields: update.and_then(|u| u.get_document("updatedFields").ok().cloned()),
             removed_fields: update
                 .and_then(|u| u.get_array("removedFields").ok())
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default(),
             cluster_time: d.get_timestamp("clusterTime").ok()?,
             wall_time: d.get_datetime("wallTime").ok().copied(),
@@ -117,13 +125,17 @@ impl Change {
 /// What a change stream event means to the engine.
 #[derive(Debug)]
 pub enum Event {
-    Change(Change),
+    Change(Box<Change>),
     /// `drop`, `rename` or `dropDatabase` in production: logged and counted, never applied.
-    Ddl { op: String },
+    Ddl {
+        op: String,
+    },
     /// The stream is over (after a drop/rename); reopen it with `startAfter`.
     Invalidate,
     /// An event kind stagesync does not act on (e.g. `createIndexes`).
-    Ignored { op: String },
+    Ignored {
+        op: String,
+    },
 }
 
 /// Converts and masks one change stream event. Events without the fields a document change must
@@ -136,18 +148,36 @@ pub fn convert(ev: ChangeStreamEvent<Document>, masker: &Masker) -> Event {
         OperationType::Delete => Op::Delete,
         OperationType::Invalidate => return Event::Invalidate,
         OperationType::Drop => return Event::Ddl { op: "drop".into() },
-        OperationType::Rename => return Event::Ddl { op: "rename".into() },
-        OperationType::DropDatabase => return Event::Ddl { op: "dropDatabase".into() },
+        OperationType::Rename => {
+            return Event::Ddl {
+                op: "rename".into(),
+            }
+        }
+        OperationType::DropDatabase => {
+            return Event::Ddl {
+                op: "dropDatabase".into(),
+            }
+        }
         OperationType::Other(other) => return Event::Ignored { op: other.clone() },
-        _ => return Event::Ignored { op: format!("{:?}", ev.operation_type) },
+        _ => {
+            return Event::Ignored {
+                op: format!("{:?}", ev.operation_type),
+            }
+        }
     };
     let (Some(cluster_time), Some(prod_id)) = (
         ev.cluster_time,
         ev.document_key.as_ref().and_then(|k| k.get("_id")).cloned(),
     ) else {
-        return Event::Ignored { op: format!("{} without clusterTime or documentKey", op.as_str()) };
+        return Event::Ignored {
+            op: format!("{} without clusterTime or documentKey", op.as_str()),
+        };
     };
-    let mut doc = if op == Op::Delete { None } else { ev.full_document };
+    let mut doc = if op == Op::Delete {
+        None
+    } else {
+        ev.full_document
+    };
     if let Some(d) = doc.as_mut() {
         masker.mask_document(d);
     }
@@ -159,7 +189,7 @@ pub fn convert(ev: ChangeStreamEvent<Document>, masker: &Masker) -> Event {
         }
         None => (None, vec![]),
     };
-    Event::Change(Change {
+    Event::Change(Box::new(Change {
         op,
         prod_id,
         doc,
@@ -167,7 +197,7 @@ pub fn convert(ev: ChangeStreamEvent<Document>, masker: &Masker) -> Event {
         removed_fields,
         cluster_time,
         wall_time: ev.wall_time,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -182,7 +212,10 @@ mod tests {
             doc: Some(doc! {"_id": 7, "a": 1}),
             updated_fields: Some(doc! {"a": 1}),
             removed_fields: vec!["b".into()],
-            cluster_time: Timestamp { time: 10, increment: 2 },
+            cluster_time: Timestamp {
+                time: 10,
+                increment: 2,
+            },
             wall_time: Some(DateTime::from_millis(1_000)),
         };
         assert_eq!(Change::from_document(&c.to_document()), Some(c));

@@ -114,13 +114,17 @@ pub async fn read(
             Err(e) => {
                 let failure = classify(e);
                 let from_checkpoint = first_open && matches!(start, StartAt::ResumeAfter(_));
-                if failure == Failure::HistoryLost || (failure == Failure::Permanent && from_checkpoint) {
+                if failure == Failure::HistoryLost
+                    || (failure == Failure::Permanent && from_checkpoint)
+                {
                     let _ = tx.send(ReaderMessage::HistoryLost(e.to_string())).await;
                     return;
                 }
                 if failure == Failure::Permanent {
                     let _ = tx
-                        .send(ReaderMessage::Fatal(format!("cannot open the change stream of `{name}`: {e}")))
+                        .send(ReaderMessage::Fatal(format!(
+                            "cannot open the change stream of `{name}`: {e}"
+                        )))
                         .await;
                     return;
                 }
@@ -135,12 +139,27 @@ pub async fn read(
         }
         backoff.reset();
         // The first checkpoint is written as soon as the stream opens, before any change.
-        let opened_at = Position { token: stream.resume_token(), cluster_time: None, wall_time: None };
-        if tx.send(ReaderMessage::Batch(Batch { changes: vec![], position: opened_at })).await.is_err() {
+        let opened_at = Position {
+            token: stream.resume_token(),
+            cluster_time: None,
+            wall_time: None,
+        };
+        if tx
+            .send(ReaderMessage::Batch(Batch {
+                changes: vec![],
+                position: opened_at,
+            }))
+            .await
+            .is_err()
+        {
             return;
         }
         let mut changes: Vec<Change> = Vec::new();
-        let mut position = Position { token: stream.resume_token(), cluster_time: None, wall_time: None };
+        let mut position = Position {
+            token: stream.resume_token(),
+            cluster_time: None,
+            wall_time: None,
+        };
         let mut batch_started = Instant::now();
         let mut last_report = Instant::now();
         loop {
@@ -157,18 +176,30 @@ pub async fn read(
                             if changes.is_empty() {
                                 batch_started = Instant::now();
                             }
-                            metrics.changes.with_label_values(&[&name, c.op.as_str(), "read", ""]).inc();
-                            changes.push(c);
+                            metrics
+                                .changes
+                                .with_label_values(&[&name, c.op.as_str(), "read", ""])
+                                .inc();
+                            changes.push(*c);
                         }
                         Event::Ddl { op } => {
                             tracing::warn!(collection = %name, operation = %op, "production collection changed shape; staging data is kept as it is");
                             metrics.ddl_events.with_label_values(&[&name, &op]).inc();
                         }
-                        Event::Ignored { op } => tracing::debug!(collection = %name, operation = %op, "event ignored"),
+                        Event::Ignored { op } => {
+                            tracing::debug!(collection = %name, operation = %op, "event ignored")
+                        }
                         Event::Invalidate => {
                             tracing::warn!(collection = %name, "change stream invalidated (collection dropped or renamed in production); reopening after it");
-                            position = Position { token: Some(token.clone()), cluster_time, wall_time };
-                            let batch = Batch { changes: std::mem::take(&mut changes), position: position.clone() };
+                            position = Position {
+                                token: Some(token.clone()),
+                                cluster_time,
+                                wall_time,
+                            };
+                            let batch = Batch {
+                                changes: std::mem::take(&mut changes),
+                                position: position.clone(),
+                            };
                             if tx.send(ReaderMessage::Batch(batch)).await.is_err() {
                                 return;
                             }
@@ -176,7 +207,11 @@ pub async fn read(
                             continue 'reopen;
                         }
                     }
-                    position = Position { token: Some(token), cluster_time, wall_time };
+                    position = Position {
+                        token: Some(token),
+                        cluster_time,
+                        wall_time,
+                    };
                 }
                 Ok(None) => {
                     // The server had nothing more right now; the post-batch token moves on.
@@ -194,7 +229,10 @@ pub async fn read(
                     }
                     // Send what was read (it is complete up to `position`), then reopen from there.
                     if !changes.is_empty() {
-                        let batch = Batch { changes: std::mem::take(&mut changes), position: position.clone() };
+                        let batch = Batch {
+                            changes: std::mem::take(&mut changes),
+                            position: position.clone(),
+                        };
                         if tx.send(ReaderMessage::Batch(batch)).await.is_err() {
                             return;
                         }
@@ -211,7 +249,10 @@ pub async fn read(
             let aged = !changes.is_empty() && batch_started.elapsed() >= settings.batch_max_wait;
             let idle = changes.is_empty() && last_report.elapsed() >= settings.idle_report;
             if full || aged || idle {
-                let batch = Batch { changes: std::mem::take(&mut changes), position: position.clone() };
+                let batch = Batch {
+                    changes: std::mem::take(&mut changes),
+                    position: position.clone(),
+                };
                 if tx.send(ReaderMessage::Batch(batch)).await.is_err() {
                     return;
                 }
@@ -221,7 +262,12 @@ pub async fn read(
     }
 }
 
-fn note_outage(outage: &mut Option<Instant>, name: &str, e: &mongodb::error::Error, metrics: &Metrics) {
+fn note_outage(
+    outage: &mut Option<Instant>,
+    name: &str,
+    e: &mongodb::error::Error,
+    metrics: &Metrics,
+) {
     metrics.retries.with_label_values(&["production"]).inc();
     if outage.is_none() {
         *outage = Some(Instant::now());

@@ -18,7 +18,12 @@ pub async fn preview(
     masker: &Masker,
     limit: i64,
 ) -> mongodb::error::Result<Vec<(String, String)>> {
-    let docs: Vec<Document> = source.find(Document::new()).limit(limit).await?.try_collect().await?;
+    let docs: Vec<Document> = source
+        .find(Document::new())
+        .limit(limit)
+        .await?
+        .try_collect()
+        .await?;
     Ok(docs
         .into_iter()
         .map(|raw| {
@@ -39,10 +44,16 @@ fn shorten(v: Bson) -> Bson {
         Bson::Document(d) => Bson::Document(d.into_iter().map(|(k, v)| (k, shorten(v))).collect()),
         Bson::Array(a) => Bson::Array(a.into_iter().map(shorten).collect()),
         Bson::Null => Bson::Null,
-        Bson::String(s) => Bson::String(format!("{}…", s.chars().next().map(String::from).unwrap_or_default())),
+        Bson::String(s) => Bson::String(format!(
+            "{}…",
+            s.chars().next().map(String::from).unwrap_or_default()
+        )),
         other => {
             let text = other.to_string();
-            Bson::String(format!("{}…", text.chars().next().map(String::from).unwrap_or_default()))
+            Bson::String(format!(
+                "{}…",
+                text.chars().next().map(String::from).unwrap_or_default()
+            ))
         }
     }
 }

@@ -306,11 +306,20 @@ impl RunProcess {
     }
 
     /// Another subcommand taking `-c FILE` (e.g. `snapshot`).
-    pub fn start_command(command: &str, config: &std::path::Path, dir: &std::path::Path) -> RunProcess {
+    pub fn start_command(
+        command: &str,
+        config: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> RunProcess {
         RunProcess::spawn(command, config, dir, &[])
     }
 
-    fn spawn(command: &str, config: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> RunProcess {
+    fn spawn(
+        command: &str,
+        config: &std::path::Path,
+        dir: &std::path::Path,
+        extra: &[&str],
+    ) -> RunProcess {
         let log = dir.join(format!("{command}-{}.log", unique_tag()));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_stagesync"))
             .args([command, "-c"])
