@@ -165,6 +165,17 @@ impl Context {
     }
 }
 
+/// Where a batch of changes comes from: decides dead-lettering and lag accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The change stream: failures are dead-lettered, lag is measured.
+    Stream,
+    /// A snapshot copy or prune: failures are dead-lettered; no lag (the copy is not a change).
+    Snapshot,
+    /// `dlq replay`: failures stay in their existing dead letter.
+    Replay,
+}
+
 /// What one `apply_changes` call did.
 #[derive(Debug, Default, Clone)]
 pub struct BatchReport {
@@ -213,13 +224,13 @@ impl CollectionSync {
         }
     }
 
-    /// Fetches, plans and writes one batch of changes; with `dead_letter`, records the ones that
-    /// cannot be applied in the dead-letter queue. `Err` only for transient trouble (the caller
-    /// retries the whole batch: replays are no-ops thanks to the order rule).
+    /// Fetches, plans and writes one batch of changes; records the ones that cannot be applied
+    /// in the dead-letter queue (unless replaying one). `Err` only for transient trouble (the
+    /// caller retries the whole batch: replays are no-ops thanks to the order rule).
     pub async fn apply_changes(
         &self,
         changes: &[Change],
-        dead_letter: bool,
+        origin: Origin,
     ) -> mongodb::error::Result<BatchReport> {
         let (mut outcomes, duplicate_key) = self.plan_and_write(changes, None).await?;
         // A duplicate key error can come from two documents of the batch trading keys in
@@ -249,7 +260,7 @@ impl CollectionSync {
                         .changes
                         .with_label_values(&labels("applied", ""))
                         .inc();
-                    if let Some(w) = c.wall_time {
+                    if let (Origin::Stream, Some(w)) = (origin, c.wall_time) {
                         let lag = (DateTime::now().timestamp_millis() - w.timestamp_millis()).max(0)
                             as f64
                             / 1000.0;
@@ -283,7 +294,7 @@ impl CollectionSync {
                         .changes
                         .with_label_values(&labels("failed", &f.code))
                         .inc();
-                    if dead_letter {
+                    if origin != Origin::Replay {
                         self.dead_letter(c, f).await?;
                     }
                 }
@@ -359,12 +370,13 @@ impl CollectionSync {
     pub async fn apply_with_retry(
         &self,
         changes: &[Change],
+        origin: Origin,
         shutdown: &CancellationToken,
     ) -> Option<BatchReport> {
         let mut backoff = Backoff::default();
         let mut outage: Option<Instant> = None;
         loop {
-            match self.apply_changes(changes, true).await {
+            match self.apply_changes(changes, origin).await {
                 Ok(report) => {
                     if let Some(since) = outage {
                         tracing::info!(collection = %self.name, after_secs = since.elapsed().as_secs(), "staging is back; sync resumed");
@@ -539,7 +551,7 @@ impl CollectionSync {
                 Some(ReaderMessage::Batch(batch)) => {
                     if !batch.changes.is_empty()
                         && self
-                            .apply_with_retry(&batch.changes, shutdown)
+                            .apply_with_retry(&batch.changes, Origin::Stream, shutdown)
                             .await
                             .is_none()
                     {

@@ -1,8 +1,10 @@
 //! Metrics: Prometheus counters and histograms (all prefixed `stagesync_`), served with
 //! `/healthz` by `run --metrics-addr`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
@@ -23,6 +25,9 @@ pub struct Metrics {
     pub ddl_events: IntCounterVec,
     pub conflicts: IntCounterVec,
     pub retries: IntCounterVec,
+    /// When each stream's checkpoint was last saved; `checkpoint_age_seconds` is derived from
+    /// it at scrape time, so the gauge keeps growing while saves stall.
+    checkpoint_saves: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl Default for Metrics {
@@ -118,11 +123,26 @@ impl Metrics {
             ddl_events,
             conflicts,
             retries,
+            checkpoint_saves: Arc::default(),
+        }
+    }
+
+    /// Records a successful checkpoint save of `collection`.
+    pub fn checkpoint_saved(&self, collection: &str) {
+        if let Ok(mut saves) = self.checkpoint_saves.lock() {
+            saves.insert(collection.to_string(), Instant::now());
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Ok(saves) = self.checkpoint_saves.lock() {
+            for (collection, at) in saves.iter() {
+                self.checkpoint_age_seconds
+                    .with_label_values(&[collection])
+                    .set(at.elapsed().as_secs() as i64);
+            }
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -4,7 +4,7 @@
 use mongodb::bson::{doc, oid::ObjectId, DateTime};
 
 use crate::cli::Exit;
-use crate::engine::Context;
+use crate::engine::{Context, Origin};
 use crate::plan::Outcome;
 use crate::source::change::{Change, Op};
 
@@ -61,7 +61,7 @@ pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<(usize, usize), E
             },
         };
         let report = cs
-            .apply_changes(std::slice::from_ref(&change), false)
+            .apply_changes(std::slice::from_ref(&change), Origin::Replay)
             .await
             .map_err(|e| Exit::failed(format!("applying to staging.{}: {e}", cs.target)))?;
         match &report.outcomes[0] {

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Checkpoint;
-use crate::engine::CollectionSync;
+use crate::engine::{CollectionSync, Origin};
 use crate::source::change::{Change, Op};
 
 /// Copies one collection. Returns the operation time the change stream must start at, or `None`
@@ -64,7 +64,11 @@ pub async fn snapshot_collection(
     let mut stopped = false;
     while let Some(batch) = rx.recv().await {
         let changes = batch?;
-        if cs.apply_with_retry(&changes, shutdown).await.is_none() {
+        if cs
+            .apply_with_retry(&changes, Origin::Snapshot, shutdown)
+            .await
+            .is_none()
+        {
             stopped = true;
             break;
         }
@@ -246,7 +250,7 @@ async fn prune_stale(
         if gone.is_empty() {
             continue;
         }
-        match cs.apply_with_retry(&gone, shutdown).await {
+        match cs.apply_with_retry(&gone, Origin::Snapshot, shutdown).await {
             Some(report) => pruned += report.applied as u64,
             None => break,
         }

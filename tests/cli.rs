@@ -21,7 +21,11 @@ fn stagesync(args: &[&str], config: Option<&std::path::Path>) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -29,7 +33,17 @@ fn help_and_version_describe_every_subcommand() {
     let help = stagesync(&["--help"], None);
     assert!(help.status.success());
     let help = text(&help);
-    for sub in ["run", "check", "snapshot", "verify", "dlq", "status", "mask-preview", "bench", "demo"] {
+    for sub in [
+        "run",
+        "check",
+        "snapshot",
+        "verify",
+        "dlq",
+        "status",
+        "mask-preview",
+        "bench",
+        "demo",
+    ] {
         assert!(help.contains(sub), "--help lists `{sub}`: {help}");
     }
     let version = text(&stagesync(&["--version"], None));
@@ -45,12 +59,39 @@ fn bad_configs_exit_2_naming_the_file_and_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let base = "[source]\nuri = \"mongodb://127.0.0.1:1\"\ndatabase = \"p\"\n[target]\nuri = \"mongodb://127.0.0.1:1\"\ndatabase = \"s\"\n";
     let cases = [
-        ("unknown.toml", format!("{base}[sync]\nbatch_size = 5\n{ORDERS}"), "unknown field `batch_size`"),
-        ("nokey.toml", format!("{base}[[collections]]\nname = \"orders\"\n"), "business_key"),
-        ("emptykey.toml", format!("{base}[[collections]]\nname = \"orders\"\nbusiness_key = []\n"), "collections[0].business_key"),
-        ("twice.toml", format!("{base}{ORDERS}{ORDERS}"), "listed twice"),
-        ("badvalue.toml", format!("{base}[sync]\ninitial_sync = \"sometimes\"\n{ORDERS}"), "sometimes"),
-        ("noenv.toml", format!("{base}{ORDERS}").replace("mongodb://127.0.0.1:1\"\ndatabase = \"p\"", "${STAGESYNC_SURELY_UNSET}\"\ndatabase = \"p\""), "STAGESYNC_SURELY_UNSET"),
+        (
+            "unknown.toml",
+            format!("{base}[sync]\nbatch_size = 5\n{ORDERS}"),
+            "unknown field `batch_size`",
+        ),
+        (
+            "nokey.toml",
+            format!("{base}[[collections]]\nname = \"orders\"\n"),
+            "business_key",
+        ),
+        (
+            "emptykey.toml",
+            format!("{base}[[collections]]\nname = \"orders\"\nbusiness_key = []\n"),
+            "collections[0].business_key",
+        ),
+        (
+            "twice.toml",
+            format!("{base}{ORDERS}{ORDERS}"),
+            "listed twice",
+        ),
+        (
+            "badvalue.toml",
+            format!("{base}[sync]\ninitial_sync = \"sometimes\"\n{ORDERS}"),
+            "sometimes",
+        ),
+        (
+            "noenv.toml",
+            format!("{base}{ORDERS}").replace(
+                "mongodb://127.0.0.1:1\"\ndatabase = \"p\"",
+                "${STAGESYNC_SURELY_UNSET}\"\ndatabase = \"p\"",
+            ),
+            "STAGESYNC_SURELY_UNSET",
+        ),
     ];
     for (name, body, expected) in cases {
         let path = dir.path().join(name);
@@ -59,7 +100,10 @@ fn bad_configs_exit_2_naming_the_file_and_the_key() {
             let out = stagesync(&[sub], Some(&path));
             assert_eq!(out.status.code(), Some(2), "{sub} {name}: {}", text(&out));
             let err = text(&out);
-            assert!(err.contains(name) && err.contains(expected), "{sub} {name}: {err}");
+            assert!(
+                err.contains(name) && err.contains(expected),
+                "{sub} {name}: {err}"
+            );
         }
     }
     let missing = stagesync(&["run"], Some(&dir.path().join("nope.toml")));
@@ -75,7 +119,10 @@ async fn check_confirms_both_sides_and_lists_the_indexes() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("production.orders: change stream opens"), "{t}");
-    assert!(t.contains("stagesync_business_key") && t.contains("stagesync_production_id"), "{t}");
+    assert!(
+        t.contains("stagesync_business_key") && t.contains("stagesync_production_id"),
+        "{t}"
+    );
 }
 
 #[tokio::test]
@@ -83,7 +130,9 @@ async fn check_fails_when_production_is_not_a_replica_set() {
     let binary = server_binary(true).unwrap();
     let standalone = LocalServer::start(&binary, &["--standalone"]).unwrap();
     let pair = Pair::start();
-    let text_config = pair.config_text("", ORDERS).replace(&pair.prod_uri, &standalone.uri());
+    let text_config = pair
+        .config_text("", ORDERS)
+        .replace(&pair.prod_uri, &standalone.uri());
     let path = pair.dir.path().join("standalone.toml");
     std::fs::write(&path, text_config).unwrap();
     let out = stagesync(&["check"], Some(&path));
@@ -109,13 +158,23 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
     let mut run = RunProcess::start(&path, pair.dir.path(), &["--metrics-addr", &addr]);
     let ctx = stagesync::engine::Context::connect(config).await.unwrap();
     eventually("the stream to open", Duration::from_secs(30), || async {
-        ctx.checkpoints.load("orders").await.unwrap().map(|c| c.token.is_some()).unwrap_or(false)
+        ctx.checkpoints
+            .load("orders")
+            .await
+            .unwrap()
+            .map(|c| c.token.is_some())
+            .unwrap_or(false)
     })
     .await;
     let prod = pair.prod().await.collection::<Document>("orders");
-    prod.insert_one(doc! { "userEmail": "a@x.org", "accountId": 1 }).await.unwrap();
+    prod.insert_one(doc! { "userEmail": "a@x.org", "accountId": 1 })
+        .await
+        .unwrap();
     let staging = pair.staging().await.collection::<Document>("orders");
-    staging_doc_where(&staging, doc! { "userEmail": "a@x.org" }, "synced", |_| true).await;
+    staging_doc_where(&staging, doc! { "userEmail": "a@x.org" }, "synced", |_| {
+        true
+    })
+    .await;
 
     assert!(http_get(port, "/healthz").contains("200 OK"));
     let metrics = http_get(port, "/metrics");
@@ -123,8 +182,12 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
         metrics.contains(r#"stagesync_changes_total{collection="orders",operation="insert",reason="",stage="applied"} 1"#),
         "{metrics}"
     );
-    assert!(metrics.contains("stagesync_lag_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics.contains("stagesync_lag_seconds_bucket"),
+        "{metrics}"
+    );
     assert!(metrics.contains("stagesync_batch_size_count"), "{metrics}");
+    assert!(metrics.contains(r#"stagesync_checkpoint_age_seconds{collection="orders"}"#), "{metrics}");
 
     let out = stagesync(&["status", "--json"], Some(&path));
     assert!(out.status.success(), "{}", text(&out));
@@ -133,6 +196,9 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
     assert_eq!(rows[0]["dead_letters"], 0);
     assert!(rows[0]["checkpoint_saved_at"].is_string(), "{rows}");
     let human = text(&stagesync(&["status"], Some(&path)));
-    assert!(human.contains("orders") && human.contains("dead letters"), "{human}");
+    assert!(
+        human.contains("orders") && human.contains("dead letters"),
+        "{human}"
+    );
     assert!(run.terminate(Duration::from_secs(10)).unwrap().success());
 }
