@@ -209,6 +209,18 @@ fn approx_size(op: &WriteOp) -> usize {
     }
 }
 
+/// The driver's form of the configured write concern.
+pub fn write_concern(w: &WriteConcernSetting) -> mongodb::options::WriteConcern {
+    use mongodb::options::Acknowledgment;
+    let w = match w {
+        WriteConcernSetting::Nodes(n) => Acknowledgment::Nodes(*n),
+        WriteConcernSetting::Tag(t) if t == "majority" => Acknowledgment::Majority,
+        WriteConcernSetting::Tag(t) => Acknowledgment::Custom(t.clone()),
+    };
+    mongodb::options::WriteConcern::builder().w(w).build()
+}
+
+/// The configured write concern as a command's `writeConcern` document.
 pub fn write_concern_doc(w: &WriteConcernSetting) -> Document {
     match w {
         WriteConcernSetting::Nodes(n) => doc! { "w": *n as i32 },

@@ -109,7 +109,13 @@ impl Context {
         let staging = client(&config.target.uri, "staging (`target.uri`)").await?;
         let prod_db = prod.database(&config.source.database);
         let staging_db = staging.database(&config.target.database);
-        let meta_db = staging.database(&config.sync.metadata_database);
+        // Checkpoints and dead letters are written with the configured write concern too.
+        let meta_db = staging.database_with_options(
+            &config.sync.metadata_database,
+            mongodb::options::DatabaseOptions::builder()
+                .write_concern(crate::apply::write_concern(&config.sync.write_concern))
+                .build(),
+        );
         let checkpoints = CheckpointStore::open(&config, &meta_db).await?;
         let dead_letters = DeadLetters::new(&meta_db, &config.sync.name);
         let limiter = config

@@ -187,7 +187,10 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
         "{metrics}"
     );
     assert!(metrics.contains("stagesync_batch_size_count"), "{metrics}");
-    assert!(metrics.contains(r#"stagesync_checkpoint_age_seconds{collection="orders"}"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"stagesync_checkpoint_age_seconds{collection="orders"}"#),
+        "{metrics}"
+    );
 
     let out = stagesync(&["status", "--json"], Some(&path));
     assert!(out.status.success(), "{}", text(&out));

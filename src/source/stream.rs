@@ -214,10 +214,12 @@ pub async fn read(
                     };
                 }
                 Ok(None) => {
-                    // The server had nothing more right now; the post-batch token moves on.
+                    // The server had nothing more right now; the post-batch token moves on, and
+                    // the position stands for this moment (so status shows no lag when idle).
                     if changes.is_empty() {
                         if let Some(t) = stream.resume_token() {
                             position.token = Some(t);
+                            position.wall_time = Some(DateTime::now());
                         }
                     }
                 }
