@@ -576,7 +576,9 @@ async fn status(config: Arc<Config>, json: bool) -> Result<i32, Exit> {
     let now = mongodb::bson::DateTime::now();
     let mut rows = Vec::new();
     for c in &config.collections {
-        let cp = engine::checkpoint_of(&ctx, &c.name)
+        let cp = ctx
+            .checkpoints
+            .load(&c.name)
             .await
             .map_err(|e| Exit::failed(format!("{e:#}")))?;
         let dead = ctx

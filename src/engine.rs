@@ -238,12 +238,12 @@ impl CollectionSync {
         changes: &[Change],
         origin: Origin,
     ) -> mongodb::error::Result<BatchReport> {
-        let (mut outcomes, duplicate_key) = self.plan_and_write(changes, None).await?;
+        let (mut outcomes, duplicate_key) = self.plan_and_write(changes, true).await?;
         // A duplicate key error can come from two documents of the batch trading keys in
         // parallel chunks; try those once more, alone, now that the rest is written.
         if !duplicate_key.is_empty() {
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
-            let (second, _) = self.plan_and_write(&retry, Some(())).await?;
+            let (second, _) = self.plan_and_write(&retry, false).await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
                 outcomes[i] = second[k].clone();
             }
@@ -311,13 +311,12 @@ impl CollectionSync {
         Ok(report)
     }
 
-    /// Returns each change's outcome and the indices whose write hit a duplicate key (only
-    /// collected on the first pass).
-    async fn plan_and_write(
+    /// The staging documents a batch may touch: two set-based queries, by recorded production
+    /// `_id` and then by the business keys still needed (see [`Rules::keys_to_look_up`]).
+    pub async fn fetch_existing(
         &self,
         changes: &[Change],
-        second_pass: Option<()>,
-    ) -> mongodb::error::Result<(Vec<Outcome>, Vec<usize>)> {
+    ) -> mongodb::error::Result<Vec<Document>> {
         let mut existing: Vec<Document> = match self.rules.id_filter(changes) {
             Some(filter) => self.staging.find(filter).await?.try_collect().await?,
             None => vec![],
@@ -327,13 +326,24 @@ impl CollectionSync {
             let by_key: Vec<Document> = self.staging.find(filter).await?.try_collect().await?;
             existing.extend(by_key);
         }
+        Ok(existing)
+    }
+
+    /// Returns each change's outcome and, when `set_aside_duplicate_keys`, the indices whose
+    /// write hit a duplicate key (left for a second pass instead of failing them now).
+    async fn plan_and_write(
+        &self,
+        changes: &[Change],
+        set_aside_duplicate_keys: bool,
+    ) -> mongodb::error::Result<(Vec<Outcome>, Vec<usize>)> {
+        let existing = self.fetch_existing(changes).await?;
         let plan = plan_batch(&self.rules, changes, existing, DateTime::now());
         let results = self.applier.apply(&plan.writes).await?;
         let mut outcomes = plan.outcomes;
         let mut duplicate_key = Vec::new();
         for (write, result) in plan.writes.iter().zip(&results) {
             if let WriteResult::Refused { code, message } = result {
-                if result.is_duplicate_key() && second_pass.is_none() {
+                if result.is_duplicate_key() && set_aside_duplicate_keys {
                     duplicate_key.extend(write.changes.iter().copied());
                     continue;
                 }
@@ -680,9 +690,4 @@ pub async fn prepare_staging(
             }
         }
     }
-}
-
-/// Exposed for `status`: what a stream's checkpoint says.
-pub async fn checkpoint_of(ctx: &Context, collection: &str) -> anyhow::Result<Option<Checkpoint>> {
-    ctx.checkpoints.load(collection).await
 }

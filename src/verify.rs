@@ -320,14 +320,7 @@ async fn compare_production_chunk(
     report: &mut CollectionReport,
 ) -> anyhow::Result<()> {
     let rules = &cs.rules;
-    let mut existing: Vec<Document> = match rules.id_filter(changes) {
-        Some(f) => cs.staging.find(f).await?.try_collect().await?,
-        None => vec![],
-    };
-    let keys = rules.keys_to_look_up(changes, &existing);
-    if let Some(f) = rules.key_filter(&keys) {
-        existing.extend(cs.staging.find(f).await?.try_collect::<Vec<_>>().await?);
-    }
+    let existing = cs.fetch_existing(changes).await?;
     let by_id: HashMap<Vec<u8>, Document> = existing
         .iter()
         .filter_map(|d| Some((canonical(d.get("_id")?), d.clone())))

@@ -421,7 +421,7 @@ impl Model {
                 match self.staging.iter_mut().find(|s| s.has_key(key_of(d))) {
                     Some(s) => {
                         s.owner = Some(id);
-                        s.deleted = false;
+                        // BROKEN: s.deleted = false;
                         s.take_production_fields(d);
                     }
                     None => {
