@@ -221,23 +221,20 @@ pub async fn verify_collection(
             cs.source.find(doc! {}).with_options(options).await?
         }
     };
-    let mut chunk: Vec<Change> = Vec::with_capacity(CHUNK);
     loop {
-        let next = cursor.try_next().await?;
-        let done = next.is_none();
-        if let Some(mut d) = next {
-            cs.masker.mask_document(&mut d);
-            if let Some(c) = Change::from_snapshot(d, far_future, now) {
-                chunk.push(c);
-            }
-        }
-        if chunk.len() >= CHUNK || (done && !chunk.is_empty()) {
-            report.production_checked += chunk.len() as u64;
-            compare_production_chunk(cs, &std::mem::take(&mut chunk), &mut report).await?;
-        }
-        if done {
+        let chunk: Vec<Change> = next_chunk(&mut cursor)
+            .await?
+            .into_iter()
+            .filter_map(|mut d| {
+                cs.masker.mask_document(&mut d);
+                Change::from_snapshot(d, far_future, now)
+            })
+            .collect();
+        if chunk.is_empty() {
             break;
         }
+        report.production_checked += chunk.len() as u64;
+        compare_production_chunk(cs, &chunk, &mut report).await?;
     }
     if sample.is_some() {
         return Ok(report);
@@ -253,20 +250,13 @@ pub async fn verify_collection(
         .find(doc! { rules.meta_path("id"): { "$exists": true } })
         .with_options(options)
         .await?;
-    let mut chunk: Vec<Document> = Vec::with_capacity(CHUNK);
     loop {
-        let next = staging.try_next().await?;
-        let done = next.is_none();
-        if let Some(d) = next {
-            chunk.push(d);
-        }
-        if chunk.len() >= CHUNK || (done && !chunk.is_empty()) {
-            report.staging_checked += chunk.len() as u64;
-            compare_staging_chunk(cs, &std::mem::take(&mut chunk), &mut report).await?;
-        }
-        if done {
+        let chunk = next_chunk(&mut staging).await?;
+        if chunk.is_empty() {
             break;
         }
+        report.staging_checked += chunk.len() as u64;
+        compare_staging_chunk(cs, &chunk, &mut report).await?;
     }
 
     // Duplicate business keys, counted by the server.
@@ -311,6 +301,20 @@ pub async fn verify_collection(
         });
     }
     Ok(report)
+}
+
+/// Up to `CHUNK` documents from a cursor; empty when it is exhausted.
+async fn next_chunk(
+    cursor: &mut mongodb::Cursor<Document>,
+) -> mongodb::error::Result<Vec<Document>> {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    while chunk.len() < CHUNK {
+        match cursor.try_next().await? {
+            Some(d) => chunk.push(d),
+            None => break,
+        }
+    }
+    Ok(chunk)
 }
 
 /// Plans the chunk exactly as the engine would; any write it would make is drift.
