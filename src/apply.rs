@@ -266,6 +266,7 @@ pub fn index_specs(rules: &Rules) -> Vec<Document> {
     vec![
         doc! { "key": key, "name": "stagesync_business_key", "unique": true, "partialFilterExpression": partial },
         doc! { "key": { rules.meta_path("id"): 1 }, "name": "stagesync_production_id" },
+        doc! { "key": { rules.meta_path("prior.id"): 1 }, "name": "stagesync_prior_production_id" },
     ]
 }
 

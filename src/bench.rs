@@ -1,8 +1,2648 @@
 //! `stagesync bench`: measures stagesync next to the servers' own raw limits, in one run.
+//!
+//! One pair of local servers (production and staging) serves every measurement, so the figures
+//! compare like with like:
+//! 1. staging's raw `insert_many` rate and raw bulk upsert-by-business-key rate;
+//! 2. production's raw change-stream read rate for an insert burst;
+//! 3. a naive per-change `findOne` + `insertOne`/`replaceOne` loop (a baseline that lives here,
+//!    not in the product);
+//! 4. the real product (`stagesync run` as a child process) on a mixed burst (70 % inserts, 25 %
+//!    updates, 5 % deletes), timed until staging is *checked* to be in sync, with its peak RSS;
+//! 5. steady load (2 000 changes/s) with lag probes, then a separate `max_writes_per_second` run.
+//!
+//! It prints a table and writes a Markdown report (docs/BENCHMARKS.md by default) with the
+//! machine, the server, the command, the figures and where the time goes (CPU per process from
+//! `/proc`, the product's own metrics and, when `perf` is installed, a system-wide profile of
+//! the burst). Missed targets are reported, not errors: the exit code is 0 unless something
+//! failed.
+
+use std::fmt::Write as _;
+use std::future::IntoFuture as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures::{StreamExt, TryStreamExt};
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::change_stream::event::OperationType;
+use mongodb::options::{FullDocumentType, IndexOptions};
+use mongodb::{Client, Collection, IndexModel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::localserver::{free_port, server_binary, LocalServer};
+
+/// Steady-state load, in changes per second.
+const STEADY_RATE: u64 = 2000;
+/// `max_writes_per_second` of the rate-limit run.
+const RATE_LIMIT: u64 = 2000;
+const RATE_TOLERANCE: f64 = 0.10;
+const RSS_TARGET_MIB: f64 = 256.0;
+const LAG_P99_TARGET_MS: f64 = 1000.0;
+const BURST_VS_STREAM: f64 = 0.6;
+const BURST_VS_NAIVE: f64 = 5.0;
+/// Documents per `insert_many` / statements per bulk command.
+const CHUNK: u64 = 1000;
+/// The steady load is written in ticks of this length.
+const TICK: Duration = Duration::from_millis(100);
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+const PROBE_POLL: Duration = Duration::from_millis(20);
+/// Of the inserted documents, `bucket = _id % 14`: buckets 0–4 are updated, bucket 13 deleted;
+/// that is 70 % inserts, 25 % updates and 5 % deletes of all changes.
+const BUCKETS: i64 = 14;
+const UPDATED_BUCKETS: i64 = 5;
+const DELETED_BUCKET: i64 = 13;
+/// `_id`s of the steady load start here (a multiple of [`BUCKETS`], far above the burst's).
+const STEADY_BASE: i64 = BUCKETS * 100_000_000;
+const COLLECTION: &str = "orders";
 
 #[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Changes in the mixed burst (70 % inserts, 25 % updates, 5 % deletes) [default: 100000; --quick: 5000]
+    #[arg(long, value_name = "N")]
+    pub burst: Option<u64>,
+    /// Seconds of steady load at 2000 changes/s, with lag probes [default: 60; --quick: 5]
+    #[arg(long, value_name = "SECS")]
+    pub steady_secs: Option<u64>,
+    /// Seconds of the `max_writes_per_second = 2000` run [default: 15; --quick: 5]
+    #[arg(long, value_name = "SECS")]
+    pub rate_secs: Option<u64>,
+    /// Inserts through the naive per-change findOne + insertOne/replaceOne loop [default: 10000; --quick: 1000]
+    #[arg(long, value_name = "N")]
+    pub naive: Option<u64>,
+    /// Documents for the raw server measurements (items 1 and 2) [default: 100000; --quick: 10000]
+    #[arg(long, value_name = "N")]
+    pub raw: Option<u64>,
+    /// Where to write the Markdown report [default: docs/BENCHMARKS.md; with --quick: none unless given]
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Small sizes for a smoke run (about a minute).
+    #[arg(long)]
+    pub quick: bool,
+    /// Do not profile the burst with `perf`, even when it is installed.
+    #[arg(long)]
+    pub no_profile: bool,
+}
 
-pub async fn command(_args: BenchArgs) -> anyhow::Result<i32> {
-    anyhow::bail!("bench is not implemented yet")
+/// The sizes of one run, flags over `--quick` over the defaults.
+#[derive(Debug, Clone)]
+struct Sizes {
+    raw: u64,
+    burst: u64,
+    naive: u64,
+    steady_secs: u64,
+    rate_secs: u64,
+}
+
+impl Sizes {
+    fn of(args: &BenchArgs) -> anyhow::Result<Sizes> {
+        let pick = |flag: Option<u64>, full: u64, quick: u64| {
+            flag.unwrap_or(if args.quick { quick } else { full })
+        };
+        let s = Sizes {
+            raw: pick(args.raw, 100_000, 10_000),
+            burst: pick(args.burst, 100_000, 5_000),
+            naive: pick(args.naive, 10_000, 1_000),
+            steady_secs: pick(args.steady_secs, 60, 5),
+            rate_secs: pick(args.rate_secs, 15, 5),
+        };
+        if s.raw == 0 || s.naive == 0 {
+            bail!("--raw and --naive must be at least 1");
+        }
+        if s.burst < 20 {
+            bail!("--burst must be at least 20 (it is split 70/25/5 into inserts, updates and deletes)");
+        }
+        if s.steady_secs == 0 {
+            bail!("--steady-secs must be at least 1");
+        }
+        if s.rate_secs < 3 {
+            bail!("--rate-secs must be at least 3 (the rate is taken over the middle of the run)");
+        }
+        Ok(s)
+    }
+}
+
+pub async fn command(args: BenchArgs) -> anyhow::Result<i32> {
+    let sizes = Sizes::of(&args)?;
+    let output = match (&args.output, args.quick) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => Some(PathBuf::from("docs/BENCHMARKS.md")),
+        (None, true) => None,
+    };
+    let started_at = DateTime::now();
+    let command_line = command_line();
+    if cfg!(debug_assertions) {
+        println!("warning: this is a debug build; figures are not representative (use `cargo build --release`)");
+    }
+
+    let env = Env::start().await?;
+    println!(
+        "servers: {} ({}), production on port {}, staging on port {}",
+        env.binary.display(),
+        env.server_version,
+        env.prod_server.port,
+        env.staging_server.port
+    );
+    println!("server flags: {}", env.server_args.join(" "));
+
+    println!(
+        "\n[1/6] staging raw insert_many and bulk upsert-by-business-key, {} documents each",
+        sizes.raw
+    );
+    let (raw_insert, raw_upsert) = raw_staging(&env, sizes.raw)
+        .await
+        .context("item 1 (staging raw writes)")?;
+    println!(
+        "  insert_many: {}   bulk upsert by key: {}",
+        raw_insert.show("docs/s"),
+        raw_upsert.show("docs/s")
+    );
+
+    println!(
+        "\n[2/6] production raw change-stream read of a {}-insert burst",
+        sizes.raw
+    );
+    let raw_stream = raw_stream(&env, sizes.raw)
+        .await
+        .context("item 2 (raw change-stream read)")?;
+    println!("  {}", raw_stream.show("events/s"));
+
+    println!(
+        "\n[3/6] naive per-change findOne + insertOne/replaceOne loop, {} inserts",
+        sizes.naive
+    );
+    let naive = naive_loop(&env, sizes.naive)
+        .await
+        .context("item 3 (naive loop)")?;
+    println!("  {}", naive.rate.show("changes/s"));
+
+    println!("\n[4/6] stagesync on a mixed burst of {} changes (70 % inserts, 25 % updates, 5 % deletes)", sizes.burst);
+    let mut product = Product::start(
+        &env,
+        "bench",
+        "bench_prod",
+        "bench_staging",
+        "bench_meta",
+        "",
+    )
+    .await
+    .context("starting `stagesync run` for the burst")?;
+    println!(
+        "  stagesync run: pid {}, metrics on 127.0.0.1:{}, log {}",
+        product.pid,
+        product.metrics_port,
+        product.log.display()
+    );
+    product.wait_streaming().await?;
+    let rss = RssMonitor::start(product.pid);
+    let profile = !args.no_profile;
+    let burst = burst(&env, &mut product, &rss, sizes.burst, profile)
+        .await
+        .context("item 4 (burst)")?;
+    match burst.synced_secs {
+        Some(s) => println!(
+            "  in sync (checked) {s:.2} s after the first write: {:.0} changes/s; production writes took {:.2} s; peak RSS {:.1} MiB",
+            burst.changes as f64 / s,
+            burst.write_secs,
+            kib_to_mib(burst.peak_rss_kb)
+        ),
+        None => println!("  NOT in sync within the deadline: {}", burst.detail),
+    }
+
+    println!(
+        "\n[5/6] steady state: {STEADY_RATE} changes/s for {} s, a lag probe every {} ms",
+        sizes.steady_secs,
+        PROBE_EVERY.as_millis()
+    );
+    let steady = steady(&env, &mut product, &rss, &burst, sizes.steady_secs)
+        .await
+        .context("item 5 (steady state)")?;
+    println!(
+        "  lag p50 {} / p99 {} / max {} over {} probes ({} unanswered); load {:.0} changes/s",
+        ms(steady.lag.p50),
+        ms(steady.lag.p99),
+        ms(steady.lag.max),
+        steady.lag.probes,
+        steady.lag.unanswered,
+        steady.load_rate
+    );
+    rss.stop();
+    let exit = product.stop().await;
+    println!("  stagesync run stopped: {exit}");
+
+    println!(
+        "\n[6/6] max_writes_per_second = {RATE_LIMIT}: {} s run on an insert burst",
+        sizes.rate_secs
+    );
+    let rate = rate_limited(&env, sizes.rate_secs)
+        .await
+        .context("rate-limit run")?;
+    println!(
+        "  staging write rate over the middle of the run: {:.0} docs/s (per second: {:.0}–{:.0})",
+        rate.rate, rate.min_second, rate.max_second
+    );
+
+    let profile_text = match &burst.profile {
+        Some(p) => Some(p.report(&[
+            ("stagesync run", Some(burst.product_pid)),
+            ("production server", env.prod_server.pid()),
+            ("staging server", env.staging_server.pid()),
+            ("bench (load writer and checks)", Some(std::process::id())),
+        ])),
+        None => None,
+    };
+
+    let report = Report {
+        started_at,
+        command_line,
+        sizes,
+        env: &env,
+        raw_insert,
+        raw_upsert,
+        raw_stream,
+        naive,
+        burst,
+        steady,
+        rate,
+        profile_text,
+    };
+    let rows = report.rows();
+    println!("\n{}", text_table(&rows));
+    let missed: Vec<&Row> = rows.iter().filter(|r| r.pass == Some(false)).collect();
+    if missed.is_empty() {
+        println!("all targets met");
+    } else {
+        println!(
+            "{} target(s) missed: {}",
+            missed.len(),
+            missed
+                .iter()
+                .map(|r| r.what.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    if let Some(path) = output {
+        let markdown = report.markdown(&rows)?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&path, markdown).with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    } else {
+        println!("quick run: no report written (pass --output PATH to write one)");
+    }
+    Ok(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers and shared state
+
+struct Env {
+    dir: tempfile::TempDir,
+    exe: PathBuf,
+    binary: PathBuf,
+    server_args: Vec<String>,
+    server_version: String,
+    prod_server: LocalServer,
+    staging_server: LocalServer,
+    prod: Client,
+    staging: Client,
+}
+
+impl Env {
+    async fn start() -> anyhow::Result<Env> {
+        let binary = server_binary(true)?;
+        let mut server_args: Vec<String> = vec!["--oplog-max-entries".into(), "2000000".into()];
+        let native = binary
+            .file_name()
+            .map(|n| n.to_string_lossy().starts_with("secantusd-rs"))
+            .unwrap_or(false);
+        if native {
+            server_args
+                .extend(["--cache-size", "512M", "--log-file-max", "16MB"].map(String::from));
+        }
+        println!(
+            "starting production and staging servers: {}",
+            binary.display()
+        );
+        let start = |binary: PathBuf, args: Vec<String>| {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                LocalServer::start(&binary, &args)
+            })
+        };
+        let prod_server = start(binary.clone(), server_args.clone())
+            .await
+            .context("starting the production server")?
+            .context("starting the production server")?;
+        let staging_server = start(binary.clone(), server_args.clone())
+            .await
+            .context("starting the staging server")?
+            .context("starting the staging server")?;
+        let prod = Client::with_uri_str(prod_server.uri())
+            .await
+            .context("connecting to production")?;
+        let staging = Client::with_uri_str(staging_server.uri())
+            .await
+            .context("connecting to staging")?;
+        let server_version = server_version(&binary, &prod).await;
+        Ok(Env {
+            dir: tempfile::Builder::new()
+                .prefix("stagesync-bench-")
+                .tempdir()?,
+            exe: std::env::current_exe().context("finding the stagesync executable")?,
+            binary,
+            server_args,
+            server_version,
+            prod_server,
+            staging_server,
+            prod,
+            staging,
+        })
+    }
+
+    fn pids(&self, product: Option<u32>) -> Vec<(&'static str, Option<u32>)> {
+        vec![
+            ("stagesync run", product),
+            ("production server", self.prod_server.pid()),
+            ("staging server", self.staging_server.pid()),
+            ("bench (load writer and checks)", Some(std::process::id())),
+        ]
+    }
+}
+
+/// `buildInfo`'s version, and the binary's own `--version` line when it differs.
+async fn server_version(binary: &Path, client: &Client) -> String {
+    let build = client
+        .database("admin")
+        .run_command(doc! { "buildInfo": 1 })
+        .await
+        .ok()
+        .and_then(|d| d.get_str("version").ok().map(String::from));
+    let own = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
+        .filter(|s| !s.is_empty());
+    match (build, own) {
+        (Some(b), Some(o)) => format!("{o}; buildInfo reports MongoDB {b}"),
+        (Some(b), None) => format!("buildInfo reports MongoDB {b}"),
+        (None, Some(o)) => o,
+        (None, None) => "unknown version".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Documents and the mixed workload
+
+/// A small order document; `_id` is the sequence number (so ranges of `_id`s are cheap to
+/// update and delete), `bucket` decides whether it is later updated or deleted.
+fn order_doc(id: i64) -> Document {
+    doc! {
+        "_id": id,
+        "userEmail": format!("user{id}@bench.example"),
+        "accountId": (id % 997) as i32,
+        "bucket": (id % BUCKETS) as i32,
+        "status": "new",
+        "total": (id % 100_000) as f64 / 100.0,
+        "items": [ { "sku": format!("SKU-{}", id % 500), "qty": (id % 5 + 1) as i32 } ],
+        "writtenAt": DateTime::now(),
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct MixCounts {
+    inserts: u64,
+    updates: u64,
+    deletes: u64,
+}
+
+impl MixCounts {
+    fn total(&self) -> u64 {
+        self.inserts + self.updates + self.deletes
+    }
+    fn add(&mut self, o: MixCounts) {
+        self.inserts += o.inserts;
+        self.updates += o.updates;
+        self.deletes += o.deletes;
+    }
+}
+
+/// Inserts `_id`s `[lo, hi)`, then updates (buckets 0–4) and deletes (bucket 13) the documents
+/// of the previous range, so the change stream sees the mix all along.
+async fn write_mix_step(
+    coll: &Collection<Document>,
+    lo: i64,
+    hi: i64,
+    previous: Option<(i64, i64)>,
+) -> anyhow::Result<MixCounts> {
+    let mut counts = MixCounts::default();
+    if hi > lo {
+        let docs: Vec<Document> = (lo..hi).map(order_doc).collect();
+        counts.inserts = coll
+            .insert_many(docs)
+            .await
+            .context("insert_many on production")?
+            .inserted_ids
+            .len() as u64;
+    }
+    if let Some((plo, phi)) = previous {
+        counts.add(update_and_delete(coll, plo, phi).await?);
+    }
+    Ok(counts)
+}
+
+async fn update_and_delete(
+    coll: &Collection<Document>,
+    lo: i64,
+    hi: i64,
+) -> anyhow::Result<MixCounts> {
+    let range = doc! { "$gte": lo, "$lt": hi };
+    let updated = coll
+        .update_many(
+            doc! { "_id": range.clone(), "bucket": { "$lt": UPDATED_BUCKETS as i32 } },
+            doc! { "$set": { "status": "updated", "updatedAt": DateTime::now() }, "$inc": { "total": 1.5 } },
+        )
+        .await
+        .context("update_many on production")?;
+    let deleted = coll
+        .delete_many(doc! { "_id": range, "bucket": DELETED_BUCKET as i32 })
+        .await
+        .context("delete_many on production")?;
+    Ok(MixCounts {
+        inserts: 0,
+        updates: updated.modified_count,
+        deletes: deleted.deleted_count,
+    })
+}
+
+/// Writes the whole mixed burst as fast as production takes it.
+async fn write_burst(coll: &Collection<Document>, changes: u64) -> anyhow::Result<MixCounts> {
+    let inserts = (changes * 14 / 20) as i64;
+    let mut counts = MixCounts::default();
+    let mut previous = None;
+    let mut lo = 0i64;
+    while lo < inserts {
+        let hi = (lo + CHUNK as i64).min(inserts);
+        counts.add(write_mix_step(coll, lo, hi, previous).await?);
+        previous = Some((lo, hi));
+        lo = hi;
+    }
+    if let Some((plo, phi)) = previous {
+        counts.add(update_and_delete(coll, plo, phi).await?);
+    }
+    Ok(counts)
+}
+
+async fn insert_range(coll: &Collection<Document>, lo: i64, hi: i64) -> anyhow::Result<()> {
+    let mut at = lo;
+    while at < hi {
+        let end = (at + CHUNK as i64).min(hi);
+        coll.insert_many((at..end).map(order_doc).collect::<Vec<_>>())
+            .await
+            .context("insert_many")?;
+        at = end;
+    }
+    Ok(())
+}
+
+async fn unique_key_index(coll: &Collection<Document>) -> anyhow::Result<()> {
+    coll.create_index(
+        IndexModel::builder()
+            .keys(doc! { "userEmail": 1, "accountId": 1 })
+            .options(IndexOptions::builder().unique(true).build())
+            .build(),
+    )
+    .await
+    .context("creating the business-key index")?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Items 1–3: the raw limits and the naive baseline
+
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    n: u64,
+    secs: f64,
+}
+
+impl Rate {
+    fn new(n: u64, elapsed: Duration) -> Rate {
+        Rate {
+            n,
+            secs: elapsed.as_secs_f64().max(1e-9),
+        }
+    }
+    fn per_sec(&self) -> f64 {
+        self.n as f64 / self.secs
+    }
+    fn show(&self, unit: &str) -> String {
+        format!(
+            "{:.0} {unit} ({} in {:.2} s)",
+            self.per_sec(),
+            self.n,
+            self.secs
+        )
+    }
+}
+
+async fn raw_staging(env: &Env, n: u64) -> anyhow::Result<(Rate, Rate)> {
+    let db = env.staging.database("bench_raw");
+    db.drop().await.context("dropping bench_raw on staging")?;
+    let coll: Collection<Document> = db.collection(COLLECTION);
+    unique_key_index(&coll).await?;
+    let started = Instant::now();
+    insert_range(&coll, 0, n as i64).await?;
+    let insert = Rate::new(n, started.elapsed());
+
+    // Upserts by business key over keys of which half exist (updated) and half do not (inserted).
+    let first = (n / 2) as i64;
+    let last = first + n as i64;
+    let started = Instant::now();
+    let mut at = first;
+    while at < last {
+        let end = (at + CHUNK as i64).min(last);
+        let now = DateTime::now();
+        let updates: Vec<Document> = (at..end)
+            .map(|id| {
+                let d = order_doc(id);
+                doc! {
+                    "q": { "userEmail": d.get("userEmail").cloned().unwrap_or(Bson::Null), "accountId": d.get("accountId").cloned().unwrap_or(Bson::Null) },
+                    "u": { "$set": { "status": "upserted", "total": (id % 1000) as f64, "writtenAt": now, "bucket": d.get("bucket").cloned().unwrap_or(Bson::Null) } },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let reply = db
+            .run_command(doc! { "update": COLLECTION, "updates": updates, "ordered": false })
+            .await
+            .context("bulk upsert command")?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if !errors.is_empty() {
+                bail!(
+                    "the bulk upsert reported {} write error(s), the first: {:?}",
+                    errors.len(),
+                    errors.first()
+                );
+            }
+        }
+        at = end;
+    }
+    let upsert = Rate::new(n, started.elapsed());
+    db.drop().await.context("dropping bench_raw on staging")?;
+    Ok((insert, upsert))
+}
+
+async fn raw_stream(env: &Env, n: u64) -> anyhow::Result<Rate> {
+    let db = env.prod.database("bench_raw");
+    db.drop()
+        .await
+        .context("dropping bench_raw on production")?;
+    let coll: Collection<Document> = db.collection("stream");
+    // The product's settings: batches of up to 1000 events, 100 ms await.
+    let mut stream = coll
+        .watch()
+        .batch_size(CHUNK as u32)
+        .max_await_time(Duration::from_millis(100))
+        .await
+        .context("opening the change stream")?;
+    let started = Instant::now();
+    let writer = {
+        let coll = coll.clone();
+        tokio::spawn(async move { insert_range(&coll, 0, n as i64).await })
+    };
+    let deadline = Duration::from_secs(120 + n / 1000);
+    let mut seen = 0u64;
+    while seen < n {
+        let left = deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, stream.next()).await {
+            Err(_) => bail!("only {seen} of {n} events read within {deadline:?}"),
+            Ok(None) => bail!("the change stream ended after {seen} events"),
+            Ok(Some(Err(e))) => {
+                return Err(anyhow::Error::new(e).context("reading the change stream"))
+            }
+            Ok(Some(Ok(event))) => {
+                if event.operation_type == OperationType::Insert {
+                    seen += 1;
+                }
+            }
+        }
+    }
+    let rate = Rate::new(n, started.elapsed());
+    writer.await.context("the writer task")??;
+    drop(stream);
+    db.drop()
+        .await
+        .context("dropping bench_raw on production")?;
+    Ok(rate)
+}
+
+/// The baseline: follow the change stream and, per change, look the document up in staging by
+/// business key and write it with one `insertOne` or `replaceOne`.
+async fn naive_loop(env: &Env, n: u64) -> anyhow::Result<NaiveResult> {
+    let source: Collection<Document> = env.prod.database("bench_naive").collection(COLLECTION);
+    let target: Collection<Document> = env.staging.database("bench_naive").collection(COLLECTION);
+    env.prod.database("bench_naive").drop().await?;
+    env.staging.database("bench_naive").drop().await?;
+    unique_key_index(&target).await?;
+    let mut stream = source
+        .watch()
+        .full_document(FullDocumentType::UpdateLookup)
+        .batch_size(CHUNK as u32)
+        .max_await_time(Duration::from_millis(100))
+        .await
+        .context("opening the change stream")?;
+    let started = Instant::now();
+    let writer = {
+        let source = source.clone();
+        tokio::spawn(async move { insert_range(&source, 0, n as i64).await })
+    };
+    let limit = Duration::from_secs(180);
+    let mut applied = 0u64;
+    let mut replaced = 0u64;
+    while applied < n {
+        let left = limit.saturating_sub(started.elapsed());
+        let event = match tokio::time::timeout(left, stream.next()).await {
+            Err(_) => break, // reported as a partial run
+            Ok(None) => bail!("the change stream ended after {applied} changes"),
+            Ok(Some(e)) => e.context("reading the change stream")?,
+        };
+        let Some(prod_doc) = event.full_document else {
+            continue;
+        };
+        let prod_id = prod_doc.get("_id").cloned().unwrap_or(Bson::Null);
+        let key = doc! {
+            "userEmail": prod_doc.get("userEmail").cloned().unwrap_or(Bson::Null),
+            "accountId": prod_doc.get("accountId").cloned().unwrap_or(Bson::Null),
+        };
+        let mut staged: Document = prod_doc.into_iter().filter(|(k, _)| k != "_id").collect();
+        staged.insert("_sync", doc! { "id": prod_id, "ts": event.cluster_time.map(Bson::Timestamp).unwrap_or(Bson::Null) });
+        match target.find_one(key).await.context("findOne on staging")? {
+            Some(existing) => {
+                let id = existing.get("_id").cloned().unwrap_or(Bson::Null);
+                target
+                    .replace_one(doc! { "_id": id }, staged)
+                    .await
+                    .context("replaceOne on staging")?;
+                replaced += 1;
+            }
+            None => {
+                target
+                    .insert_one(staged)
+                    .await
+                    .context("insertOne on staging")?;
+            }
+        }
+        applied += 1;
+    }
+    let rate = Rate::new(applied, started.elapsed());
+    writer.await.context("the writer task")??;
+    drop(stream);
+    env.prod.database("bench_naive").drop().await?;
+    env.staging.database("bench_naive").drop().await?;
+    Ok(NaiveResult {
+        rate,
+        asked: n,
+        replaced,
+    })
+}
+
+struct NaiveResult {
+    rate: Rate,
+    asked: u64,
+    replaced: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The product as a child process
+
+struct Product {
+    child: Option<Child>,
+    pid: u32,
+    log: PathBuf,
+    metrics_port: u16,
+    config: Arc<Config>,
+    config_text: String,
+}
+
+fn product_config(
+    env: &Env,
+    name: &str,
+    prod_db: &str,
+    staging_db: &str,
+    meta_db: &str,
+    sync_extra: &str,
+) -> String {
+    format!(
+        r#"[source]
+uri = "{prod}"
+database = "{prod_db}"
+
+[target]
+uri = "{staging}"
+database = "{staging_db}"
+
+[sync]
+name = "{name}"
+metadata_database = "{meta_db}"
+write_concern = 1
+checkpoint_interval = "1s"
+{sync_extra}
+[[collections]]
+name = "{COLLECTION}"
+business_key = ["userEmail", "accountId"]
+deletes = "soft"
+"#,
+        prod = env.prod_server.uri(),
+        staging = env.staging_server.uri(),
+    )
+}
+
+impl Product {
+    async fn start(
+        env: &Env,
+        name: &str,
+        prod_db: &str,
+        staging_db: &str,
+        meta_db: &str,
+        sync_extra: &str,
+    ) -> anyhow::Result<Product> {
+        let config_text = product_config(env, name, prod_db, staging_db, meta_db, sync_extra);
+        let config_path = env.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config_path, &config_text)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let config = Arc::new(Config::load(&config_path)?);
+        let log = env.dir.path().join(format!("{name}.log"));
+        let metrics_port = free_port()?;
+        let child = Command::new(&env.exe)
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .args([
+                "--log-format",
+                "json",
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(&log)
+                    .with_context(|| format!("creating {}", log.display()))?,
+            )
+            .spawn()
+            .with_context(|| format!("starting {} run", env.exe.display()))?;
+        Ok(Product {
+            pid: child.id(),
+            child: Some(child),
+            log,
+            metrics_port,
+            config,
+            config_text,
+        })
+    }
+
+    /// Fails (with the end of its log) when the process has exited.
+    fn ensure_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                bail!(
+                    "`stagesync run` exited with {status}; the end of its log:\n{}",
+                    log_tail(&self.log, 20)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the collection's stream is open: its checkpoint has a resume token.
+    async fn wait_streaming(&mut self) -> anyhow::Result<()> {
+        let ctx = crate::engine::Context::connect(self.config.clone()).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.ensure_alive()?;
+            if let Ok(Some(cp)) = ctx.checkpoints.load(COLLECTION).await {
+                if cp.token.is_some() && cp.snapshot.is_none() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the change stream of `stagesync run` did not open within 60 s; the end of its log:\n{}", log_tail(&self.log, 20));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn metrics(&self) -> anyhow::Result<Vec<Sample>> {
+        let text = http_get(self.metrics_port, "/metrics").await?;
+        Ok(parse_metrics(&text))
+    }
+
+    /// Changes the product has finished with (applied, skipped or failed).
+    async fn processed(&self) -> Option<u64> {
+        let samples = self.metrics().await.ok()?;
+        let total: f64 = samples
+            .iter()
+            .filter(|s| {
+                s.name == "stagesync_changes_total"
+                    && s.label("stage").is_some_and(|st| st != "read")
+            })
+            .map(|s| s.value)
+            .sum();
+        Some(total as u64)
+    }
+
+    /// SIGTERM, then up to 10 s for a clean exit, then a kill.
+    async fn stop(&mut self) -> String {
+        let Some(mut child) = self.child.take() else {
+            return "had already exited".into();
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return format!("exited with {status}"),
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return "did NOT stop within 10 s of SIGTERM; killed".into();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Product {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .context("the metrics endpoint did not answer within 5 s")??;
+    match reply.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => bail!("unexpected reply from the metrics endpoint"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text parsing
+
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn parse_metrics(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_sample)
+        .collect()
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (head, value) = line.trim().rsplit_once(' ')?;
+    let value: f64 = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    let (name, labels) = match head.split_once('{') {
+        None => (head.to_string(), vec![]),
+        Some((name, rest)) => {
+            let inner = rest.strip_suffix('}')?;
+            let mut labels = Vec::new();
+            let mut chars = inner.chars().peekable();
+            loop {
+                let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+                if key.is_empty() {
+                    break;
+                }
+                if chars.next() != Some('"') {
+                    return None;
+                }
+                let mut val = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            if let Some(n) = chars.next() {
+                                val.push(if n == 'n' { '\n' } else { n });
+                            }
+                        }
+                        '"' => break,
+                        c => val.push(c),
+                    }
+                }
+                labels.push((key.trim_start_matches(',').to_string(), val));
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                }
+            }
+            (name.to_string(), labels)
+        }
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// The cumulative buckets `(le, count)` of a histogram, sorted by `le`.
+fn histogram(samples: &[Sample], name: &str) -> Vec<(f64, f64)> {
+    let bucket = format!("{name}_bucket");
+    let mut out: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s.name == bucket)
+        .filter_map(|s| {
+            let le = match s.label("le")? {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().ok()?,
+            };
+            Some((le, s.value))
+        })
+        .collect();
+    // Sum over label sets (e.g. collections) per bucket.
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut merged: Vec<(f64, f64)> = Vec::new();
+    for (le, v) in out {
+        match merged.last_mut() {
+            Some(last) if last.0 == le => last.1 += v,
+            _ => merged.push((le, v)),
+        }
+    }
+    merged
+}
+
+fn histogram_delta(after: &[(f64, f64)], before: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(le, v)| {
+            let b = before
+                .iter()
+                .find(|x| x.0 == le)
+                .map(|x| x.1)
+                .unwrap_or(0.0);
+            (le, v - b)
+        })
+        .collect()
+}
+
+/// Prometheus' `histogram_quantile`: linear interpolation inside the bucket holding the rank.
+fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let width = count - prev.1;
+            let frac = if width > 0.0 {
+                (rank - prev.1) / width
+            } else {
+                1.0
+            };
+            return Some(prev.0 + (le - prev.0) * frac);
+        }
+        prev = (le, count);
+    }
+    None
+}
+
+fn metric_sum(samples: &[Sample], name: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.value)
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc: memory and CPU
+
+fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds of a process (all its threads).
+fn proc_cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime); `after_comm` starts at field 3.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks)
+}
+
+/// (busy, total) jiffies of the whole machine.
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+#[derive(Debug, Clone)]
+struct CpuSnapshot {
+    at: Instant,
+    per_process: Vec<(&'static str, Option<f64>)>,
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuSnapshot {
+    fn take(pids: &[(&'static str, Option<u32>)], ticks: f64) -> CpuSnapshot {
+        CpuSnapshot {
+            at: Instant::now(),
+            per_process: pids
+                .iter()
+                .map(|(n, p)| (*n, p.and_then(|p| proc_cpu_secs(p, ticks))))
+                .collect(),
+            machine: machine_jiffies(),
+        }
+    }
+}
+
+/// CPU used between two snapshots.
+#[derive(Debug, Clone)]
+struct CpuUse {
+    wall_secs: f64,
+    per_process: Vec<(&'static str, f64)>,
+    /// Share of all cores busy (0–1).
+    machine_busy: Option<f64>,
+    cores: usize,
+}
+
+impl CpuUse {
+    fn between(a: &CpuSnapshot, b: &CpuSnapshot) -> CpuUse {
+        let per_process = a
+            .per_process
+            .iter()
+            .zip(&b.per_process)
+            .filter_map(|((name, x), (_, y))| Some((*name, (y.as_ref()? - x.as_ref()?).max(0.0))))
+            .collect();
+        let machine_busy = match (a.machine, b.machine) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                Some((b1 - b0) as f64 / (t1 - t0) as f64)
+            }
+            _ => None,
+        };
+        CpuUse {
+            wall_secs: b.at.duration_since(a.at).as_secs_f64(),
+            per_process,
+            machine_busy,
+            cores: cores(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<f64> {
+        self.per_process
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Polls a process's memory every 50 ms: the kernel's high-water mark (VmHWM) and the largest
+/// VmRSS seen since the last reset.
+struct RssMonitor {
+    pid: u32,
+    sampled_peak_kb: Arc<AtomicU64>,
+    hwm_kb: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl RssMonitor {
+    fn start(pid: u32) -> RssMonitor {
+        let sampled_peak_kb = Arc::new(AtomicU64::new(0));
+        let hwm_kb = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let (peak, hwm, token) = (sampled_peak_kb.clone(), hwm_kb.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Some(rss) = proc_status_kb(pid, "VmRSS") {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                if let Some(h) = proc_status_kb(pid, "VmHWM") {
+                    hwm.fetch_max(h, Ordering::Relaxed);
+                }
+            }
+        });
+        RssMonitor {
+            pid,
+            sampled_peak_kb,
+            hwm_kb,
+            stop,
+        }
+    }
+
+    /// The peak RSS so far: the kernel's high-water mark read now, or the last one polled.
+    fn peak_kb(&self) -> u64 {
+        let now = proc_status_kb(self.pid, "VmHWM").unwrap_or(0);
+        now.max(self.hwm_kb.load(Ordering::Relaxed))
+            .max(self.sampled_peak_kb.load(Ordering::Relaxed))
+    }
+
+    fn reset_sampled(&self) {
+        self.sampled_peak_kb.store(0, Ordering::Relaxed);
+    }
+
+    fn sampled_peak_kb(&self) -> u64 {
+        self.sampled_peak_kb.load(Ordering::Relaxed)
+    }
+
+    fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+fn kib_to_mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// perf
+
+struct Profiler {
+    child: Child,
+    data: PathBuf,
+}
+
+struct Profile {
+    data: PathBuf,
+    secs: f64,
+}
+
+impl Profiler {
+    /// A system-wide `perf record` (cpu-clock samples at 499 Hz, no call graphs), if perf works.
+    fn start(dir: &Path) -> Option<Profiler> {
+        let data = dir.join("burst.perf.data");
+        let child = Command::new("perf")
+            .args(["record", "-a", "-F", "499", "-q", "-o"])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(Profiler { child, data })
+    }
+
+    async fn stop(mut self, secs: f64) -> Option<Profile> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return None;
+                }
+            }
+        }
+        self.data.exists().then(|| Profile {
+            data: self.data.clone(),
+            secs,
+        })
+    }
+}
+
+impl Profile {
+    /// The hottest symbols of each process, as `perf report` prints them.
+    fn report(&self, processes: &[(&str, Option<u32>)]) -> String {
+        let mut out = String::new();
+        for (name, pid) in processes {
+            let Some(pid) = pid else { continue };
+            let output = Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "-q",
+                    "--percentage",
+                    "relative",
+                    "--sort",
+                    "dso,sym",
+                ])
+                .args(["--percent-limit", "1.5", "--pid", &pid.to_string(), "-i"])
+                .arg(&self.data)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output();
+            let lines: Vec<String> = match output {
+                Ok(o) => String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::trim_end)
+                    .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+                    .take(14)
+                    .map(|l| shorten_symbol_line(l, 150))
+                    .collect(),
+                Err(_) => vec![],
+            };
+            let _ = writeln!(out, "{name} (pid {pid}):\n```");
+            if lines.is_empty() {
+                let _ = writeln!(out, "(no samples)");
+            }
+            for l in lines {
+                let _ = writeln!(out, "{l}");
+            }
+            let _ = writeln!(out, "```");
+        }
+        out
+    }
+}
+
+fn shorten_symbol_line(line: &str, max: usize) -> String {
+    if line.chars().count() <= max {
+        line.to_string()
+    } else {
+        format!("{}…", line.chars().take(max).collect::<String>())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 4: the burst
+
+struct BurstResult {
+    changes: u64,
+    counts: MixCounts,
+    write_secs: f64,
+    /// First production write → staging checked in sync.
+    synced_secs: Option<f64>,
+    /// How long the final (passing) check took; included in `synced_secs`.
+    check_ms: f64,
+    /// First production write → stagesync's counters say every change is done.
+    counters_done_secs: Option<f64>,
+    detail: String,
+    peak_rss_kb: u64,
+    cpu: CpuUse,
+    product_pid: u32,
+    config_text: String,
+    metrics: Vec<Sample>,
+    profile: Option<Profile>,
+}
+
+/// What "in sync" means after a run of the mixed workload.
+#[derive(Debug, Clone, Copy)]
+struct Expect {
+    deleted: u64,
+}
+
+/// Compares staging with production: soft-deleted documents equal the deletes, live documents
+/// equal production's documents, and the updated value is on as many live documents on both sides.
+async fn check_sync(
+    prod: &Collection<Document>,
+    staging: &Collection<Document>,
+    expect: Expect,
+) -> anyhow::Result<Result<(), String>> {
+    // All five counts at once: the check is part of the measured time.
+    let (soft_deleted, prod_live, staging_live, prod_updated, staging_updated) = tokio::try_join!(
+        staging
+            .count_documents(doc! { "deleted": true })
+            .into_future(),
+        prod.count_documents(doc! {}).into_future(),
+        staging
+            .count_documents(doc! { "deleted": { "$ne": true } })
+            .into_future(),
+        prod.count_documents(doc! { "status": "updated" })
+            .into_future(),
+        staging
+            .count_documents(doc! { "status": "updated", "deleted": { "$ne": true } })
+            .into_future(),
+    )?;
+    if soft_deleted != expect.deleted {
+        return Ok(Err(format!(
+            "{soft_deleted} of {} deletes are soft-deleted in staging",
+            expect.deleted
+        )));
+    }
+    if staging_live != prod_live {
+        return Ok(Err(format!(
+            "staging has {staging_live} live documents, production {prod_live}"
+        )));
+    }
+    if staging_updated != prod_updated {
+        return Ok(Err(format!(
+            "staging has {staging_updated} live documents with the updated value, production {prod_updated}"
+        )));
+    }
+    Ok(Ok(()))
+}
+
+/// When staging was found in sync.
+struct Synced {
+    /// The passing check finished.
+    at: Instant,
+    /// How long that check took.
+    check_ms: f64,
+    /// stagesync's counters first said every change was done.
+    counters_done: Option<Instant>,
+}
+
+/// Polls until staging is in sync (a check, triggered by the product's own count of finished
+/// changes, or every 2 s when its metrics cannot be read), or `deadline` passes.
+async fn wait_in_sync(
+    env: &Env,
+    product: &mut Product,
+    expect: Expect,
+    expected_changes: u64,
+    deadline: Duration,
+) -> anyhow::Result<Result<Synced, String>> {
+    let prod: Collection<Document> = env.prod.database("bench_prod").collection(COLLECTION);
+    let staging: Collection<Document> =
+        env.staging.database("bench_staging").collection(COLLECTION);
+    let started = Instant::now();
+    let mut last_check: Option<Instant> = None;
+    let mut counters_done: Option<Instant> = None;
+    let mut last_detail = String::from("not checked yet");
+    loop {
+        product.ensure_alive()?;
+        let processed = product.processed().await;
+        if counters_done.is_none() && processed.is_some_and(|p| p >= expected_changes) {
+            counters_done = Some(Instant::now());
+        }
+        let due = match (processed, last_check) {
+            (_, None) if processed.is_none() => true,
+            (Some(p), last) if p >= expected_changes => {
+                last.is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
+            }
+            (None, Some(t)) => t.elapsed() >= Duration::from_secs(2),
+            _ => false,
+        };
+        if due {
+            let check_started = Instant::now();
+            last_check = Some(check_started);
+            match check_sync(&prod, &staging, expect)
+                .await
+                .context("checking staging against production")?
+            {
+                Ok(()) => {
+                    return Ok(Ok(Synced {
+                        at: Instant::now(),
+                        check_ms: check_started.elapsed().as_secs_f64() * 1000.0,
+                        counters_done,
+                    }))
+                }
+                Err(d) => last_detail = d,
+            }
+        } else if let Some(p) = processed {
+            last_detail = format!("stagesync reports {p} of {expected_changes} changes done");
+        }
+        if started.elapsed() > deadline {
+            return Ok(Err(format!(
+                "not in sync {} s after the last write: {last_detail}",
+                deadline.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn burst(
+    env: &Env,
+    product: &mut Product,
+    rss: &RssMonitor,
+    n: u64,
+    profile: bool,
+) -> anyhow::Result<BurstResult> {
+    let coll: Collection<Document> = env.prod.database("bench_prod").collection(COLLECTION);
+    let ticks = clock_ticks();
+    let pids = env.pids(Some(product.pid));
+    let profiler = if profile {
+        Profiler::start(env.dir.path())
+    } else {
+        None
+    };
+    if profile && profiler.is_none() {
+        println!("  (perf is not available: no profile)");
+    }
+    if profiler.is_some() {
+        // Let perf get going before the clock starts.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let cpu_before = CpuSnapshot::take(&pids, ticks);
+    let started = Instant::now();
+    let counts = write_burst(&coll, n).await?;
+    let write_secs = started.elapsed().as_secs_f64();
+    let deadline = Duration::from_secs(if n <= 20_000 { 120 } else { 300 });
+    let synced = wait_in_sync(
+        env,
+        product,
+        Expect {
+            deleted: counts.deletes,
+        },
+        counts.total(),
+        deadline,
+    )
+    .await?;
+    let cpu_after = CpuSnapshot::take(&pids, ticks);
+    let peak_rss_kb = rss.peak_kb();
+    let since_start = |t: Instant| t.duration_since(started).as_secs_f64();
+    let (synced_secs, check_ms, counters_done_secs, detail) = match synced {
+        Ok(s) => (
+            Some(since_start(s.at)),
+            s.check_ms,
+            s.counters_done.map(since_start),
+            String::new(),
+        ),
+        Err(d) => (None, 0.0, None, d),
+    };
+    let profile = match profiler {
+        Some(p) => {
+            p.stop(cpu_after.at.duration_since(cpu_before.at).as_secs_f64())
+                .await
+        }
+        None => None,
+    };
+    let metrics = product.metrics().await.unwrap_or_default();
+    Ok(BurstResult {
+        changes: counts.total(),
+        counts,
+        write_secs,
+        synced_secs,
+        check_ms,
+        counters_done_secs,
+        detail,
+        peak_rss_kb,
+        cpu: CpuUse::between(&cpu_before, &cpu_after),
+        product_pid: product.pid,
+        config_text: product.config_text.clone(),
+        metrics,
+        profile,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 5: steady state
+
+#[derive(Debug, Clone, Default)]
+struct LagStats {
+    probes: usize,
+    unanswered: usize,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    max: Option<f64>,
+}
+
+impl LagStats {
+    /// Nearest-rank percentiles; unanswered probes count as infinitely late.
+    fn of(mut answered_ms: Vec<f64>, unanswered: usize) -> LagStats {
+        answered_ms.sort_by(|a, b| a.total_cmp(b));
+        let probes = answered_ms.len() + unanswered;
+        let rank = |q: f64| -> Option<f64> {
+            if probes == 0 {
+                return None;
+            }
+            let i = ((q * probes as f64).ceil() as usize).clamp(1, probes) - 1;
+            answered_ms.get(i).copied()
+        };
+        LagStats {
+            probes,
+            unanswered,
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: if unanswered > 0 {
+                None
+            } else {
+                answered_ms.last().copied()
+            },
+        }
+    }
+}
+
+struct SteadyResult {
+    lag: LagStats,
+    load: MixCounts,
+    load_secs: f64,
+    load_rate: f64,
+    /// The product's own lag histogram over the steady phase (p50, p99), seconds.
+    product_lag: (Option<f64>, Option<f64>),
+    in_sync_after: Result<f64, String>,
+    peak_rss_kb: u64,
+    cpu: CpuUse,
+}
+
+struct Probe {
+    key: String,
+    sent: Instant,
+    lag_ms: Option<f64>,
+}
+
+async fn steady(
+    env: &Env,
+    product: &mut Product,
+    rss: &RssMonitor,
+    burst: &BurstResult,
+    secs: u64,
+) -> anyhow::Result<SteadyResult> {
+    let prod: Collection<Document> = env.prod.database("bench_prod").collection(COLLECTION);
+    let staging: Collection<Document> =
+        env.staging.database("bench_staging").collection(COLLECTION);
+    let ticks_per_sec = 1000 / TICK.as_millis() as u64;
+    let per_tick = (STEADY_RATE / ticks_per_sec) as i64; // 200 changes per tick
+    let inserts_per_tick = per_tick * 14 / 20; // 140 inserts, then 50 updates and 10 deletes
+    let lag_before = histogram(
+        &product.metrics().await.unwrap_or_default(),
+        "stagesync_lag_seconds",
+    );
+    rss.reset_sampled();
+    let cpu_ticks = clock_ticks();
+    let pids = env.pids(Some(product.pid));
+    let cpu_before = CpuSnapshot::take(&pids, cpu_ticks);
+
+    let stop = CancellationToken::new();
+    let load = {
+        let prod = prod.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let started = Instant::now();
+            let mut counts = MixCounts::default();
+            let mut previous = None;
+            let mut lo = STEADY_BASE;
+            for _ in 0..secs * ticks_per_sec {
+                tick.tick().await;
+                counts.add(write_mix_step(&prod, lo, lo + inserts_per_tick, previous).await?);
+                previous = Some((lo, lo + inserts_per_tick));
+                lo += inserts_per_tick;
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            if let Some((plo, phi)) = previous {
+                counts.add(update_and_delete(&prod, plo, phi).await?);
+            }
+            anyhow::Ok((counts, elapsed))
+        })
+    };
+    let probes: Arc<Mutex<Vec<Probe>>> = Arc::new(Mutex::new(Vec::new()));
+    let prober = {
+        let (prod, probes, stop) = (prod.clone(), probes.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROBE_EVERY);
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return anyhow::Ok(()),
+                    _ = tick.tick() => {}
+                }
+                let key = format!("probe{n}@bench.example");
+                let d = doc! { "_id": format!("probe-{n}"), "userEmail": &key, "accountId": 0, "status": "probe", "writtenAt": DateTime::now() };
+                let sent = Instant::now();
+                prod.insert_one(d).await.context("inserting a probe")?;
+                if let Ok(mut p) = probes.lock() {
+                    p.push(Probe {
+                        key,
+                        sent,
+                        lag_ms: None,
+                    });
+                }
+                n += 1;
+            }
+        })
+    };
+    let watcher = {
+        let (staging, probes, stop) = (staging.clone(), probes.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROBE_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut stopped_at: Option<Instant> = None;
+            loop {
+                tick.tick().await;
+                if stopped_at.is_none() && stop.is_cancelled() {
+                    stopped_at = Some(Instant::now());
+                }
+                let waiting: Vec<String> = match probes.lock() {
+                    Ok(p) => p
+                        .iter()
+                        .filter(|p| p.lag_ms.is_none())
+                        .map(|p| p.key.clone())
+                        .collect(),
+                    Err(_) => vec![],
+                };
+                if waiting.is_empty() {
+                    if stopped_at.is_some() {
+                        return anyhow::Ok(());
+                    }
+                    continue;
+                }
+                if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(30)) {
+                    return anyhow::Ok(()); // the rest stay unanswered
+                }
+                let found: Vec<Document> = staging
+                    // Both key fields, so the partial unique business-key index serves the query
+                    // (with `userEmail` alone the server scans the collection).
+                    .find(doc! { "userEmail": { "$in": waiting }, "accountId": 0 })
+                    .projection(doc! { "userEmail": 1, "_id": 0 })
+                    .await
+                    .context("polling staging for probes")?
+                    .try_collect()
+                    .await
+                    .context("polling staging for probes")?;
+                let now = Instant::now();
+                if let Ok(mut p) = probes.lock() {
+                    for d in found {
+                        let Ok(key) = d.get_str("userEmail") else {
+                            continue;
+                        };
+                        if let Some(probe) =
+                            p.iter_mut().find(|p| p.key == key && p.lag_ms.is_none())
+                        {
+                            probe.lag_ms =
+                                Some(now.duration_since(probe.sent).as_secs_f64() * 1000.0);
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let load_result = load.await.context("the steady load task");
+    stop.cancel();
+    let prober_result = prober.await.context("the probe task");
+    let watcher_result = watcher.await.context("the probe watcher task");
+    let (counts, load_secs) = load_result??;
+    prober_result??;
+    watcher_result??;
+    let cpu_after = CpuSnapshot::take(&pids, cpu_ticks);
+    let peak_rss_kb = rss.sampled_peak_kb();
+
+    let (answered, unanswered) = match probes.lock() {
+        Ok(p) => (
+            p.iter().filter_map(|p| p.lag_ms).collect::<Vec<_>>(),
+            p.iter().filter(|p| p.lag_ms.is_none()).count(),
+        ),
+        Err(_) => bail!("the probe list was poisoned"),
+    };
+    let lag = LagStats::of(answered, unanswered);
+    let lag_after = histogram(
+        &product.metrics().await.unwrap_or_default(),
+        "stagesync_lag_seconds",
+    );
+    let delta = histogram_delta(&lag_after, &lag_before);
+    let product_lag = (
+        histogram_quantile(&delta, 0.5),
+        histogram_quantile(&delta, 0.99),
+    );
+
+    // Everything written so far must be in staging too.
+    let expect = Expect {
+        deleted: burst.counts.deletes + counts.deletes,
+    };
+    let check_started = Instant::now();
+    let total_changes = burst.changes + counts.total() + lag.probes as u64;
+    let in_sync_after =
+        match wait_in_sync(env, product, expect, total_changes, Duration::from_secs(60)).await? {
+            Ok(s) => Ok(s.at.duration_since(check_started).as_secs_f64()),
+            Err(d) => Err(d),
+        };
+    Ok(SteadyResult {
+        lag,
+        load: counts,
+        load_secs,
+        load_rate: counts.total() as f64 / load_secs.max(1e-9),
+        product_lag,
+        in_sync_after,
+        peak_rss_kb,
+        cpu: CpuUse::between(&cpu_before, &cpu_after),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// max_writes_per_second
+
+struct RateResult {
+    inserts: u64,
+    rate: f64,
+    min_second: f64,
+    max_second: f64,
+    window: (f64, f64),
+    samples: Vec<(f64, u64)>,
+    exit: String,
+}
+
+async fn rate_limited(env: &Env, secs: u64) -> anyhow::Result<RateResult> {
+    let extra = format!("max_writes_per_second = {RATE_LIMIT}\n");
+    let mut product = Product::start(
+        env,
+        "bench-rate",
+        "bench_rate",
+        "bench_rate_staging",
+        "bench_rate_meta",
+        &extra,
+    )
+    .await
+    .context("starting `stagesync run` with max_writes_per_second")?;
+    product.wait_streaming().await?;
+    let prod: Collection<Document> = env.prod.database("bench_rate").collection(COLLECTION);
+    let staging: Collection<Document> = env
+        .staging
+        .database("bench_rate_staging")
+        .collection(COLLECTION);
+    // Enough that the limiter, not the supply of changes, sets the pace for the whole run.
+    let inserts = secs * RATE_LIMIT * 2;
+    let started = Instant::now();
+    let writer = {
+        let prod = prod.clone();
+        tokio::spawn(async move { insert_range(&prod, 0, inserts as i64).await })
+    };
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for _ in 0..=secs {
+        tick.tick().await;
+        product.ensure_alive()?;
+        let before = started.elapsed().as_secs_f64();
+        let n = staging
+            .count_documents(doc! {})
+            .await
+            .context("counting staging documents")?;
+        let after = started.elapsed().as_secs_f64();
+        samples.push(((before + after) / 2.0, n));
+    }
+    writer.await.context("the writer task")??;
+    let exit = product.stop().await;
+    // The middle of the run: without the first and last fifth of the samples.
+    let skip = samples.len() / 5;
+    let window = &samples[skip..samples.len() - skip];
+    let (first, last) = match (window.first(), window.last()) {
+        (Some(f), Some(l)) if l.0 > f.0 => (*f, *l),
+        _ => bail!("too few samples for a rate"),
+    };
+    let rate = (last.1 - first.1) as f64 / (last.0 - first.0);
+    let per_second: Vec<f64> = window
+        .windows(2)
+        .map(|w| (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0))
+        .collect();
+    let min_second = per_second.iter().copied().fold(f64::INFINITY, f64::min);
+    let max_second = per_second.iter().copied().fold(0.0, f64::max);
+    Ok(RateResult {
+        inserts,
+        rate,
+        min_second,
+        max_second,
+        window: (first.0, last.0),
+        samples,
+        exit,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report
+
+struct Row {
+    item: &'static str,
+    what: String,
+    value: String,
+    target: String,
+    pass: Option<bool>,
+}
+
+impl Row {
+    fn info(item: &'static str, what: impl Into<String>, value: impl Into<String>) -> Row {
+        Row {
+            item,
+            what: what.into(),
+            value: value.into(),
+            target: "—".into(),
+            pass: None,
+        }
+    }
+    fn target(
+        item: &'static str,
+        what: impl Into<String>,
+        value: impl Into<String>,
+        target: impl Into<String>,
+        pass: bool,
+    ) -> Row {
+        Row {
+            item,
+            what: what.into(),
+            value: value.into(),
+            target: target.into(),
+            pass: Some(pass),
+        }
+    }
+    fn verdict(&self) -> &'static str {
+        match self.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "",
+        }
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 10_000.0 => format!("{:.1} s", v / 1000.0),
+        Some(v) => format!("{v:.0} ms"),
+        None => "none (unanswered probes)".into(),
+    }
+}
+
+fn text_table(rows: &[Row]) -> String {
+    let w_item = rows
+        .iter()
+        .map(|r| r.item.chars().count())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let w_what = rows
+        .iter()
+        .map(|r| r.what.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(11);
+    let w_value = rows
+        .iter()
+        .map(|r| r.value.chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let w_target = rows
+        .iter()
+        .map(|r| r.target.chars().count())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(s.chars().count())));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}  {}  {}  {}  result",
+        pad("#", w_item),
+        pad("measurement", w_what),
+        pad("value", w_value),
+        pad("target", w_target)
+    );
+    let _ = writeln!(
+        out,
+        "{}",
+        "-".repeat(w_item + w_what + w_value + w_target + 14)
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{}  {}  {}  {}  {}",
+            pad(r.item, w_item),
+            pad(&r.what, w_what),
+            pad(&r.value, w_value),
+            pad(&r.target, w_target),
+            r.verdict()
+        );
+    }
+    out
+}
+
+struct Report<'e> {
+    started_at: DateTime,
+    command_line: String,
+    sizes: Sizes,
+    env: &'e Env,
+    raw_insert: Rate,
+    raw_upsert: Rate,
+    raw_stream: Rate,
+    naive: NaiveResult,
+    burst: BurstResult,
+    steady: SteadyResult,
+    rate: RateResult,
+    profile_text: Option<String>,
+}
+
+impl Report<'_> {
+    fn burst_rate(&self) -> Option<f64> {
+        self.burst
+            .synced_secs
+            .map(|s| self.burst.changes as f64 / s)
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        let b = &self.burst;
+        let s = &self.steady;
+        let r = &self.rate;
+        let mut rows = vec![
+            Row::info(
+                "1",
+                "staging raw insert_many (batches of 1000)",
+                format!("{:.0} docs/s", self.raw_insert.per_sec()),
+            ),
+            Row::info(
+                "1",
+                "staging raw bulk upsert by business key (batches of 1000)",
+                format!("{:.0} docs/s", self.raw_upsert.per_sec()),
+            ),
+            Row::info(
+                "2",
+                format!(
+                    "production raw change-stream read ({} inserts)",
+                    self.raw_stream.n
+                ),
+                format!("{:.0} events/s", self.raw_stream.per_sec()),
+            ),
+            Row::info(
+                "3",
+                format!(
+                    "naive findOne + insertOne/replaceOne loop ({} inserts)",
+                    self.naive.rate.n
+                ),
+                format!("{:.0} changes/s", self.naive.rate.per_sec()),
+            ),
+        ];
+        let stream_target = BURST_VS_STREAM * self.raw_stream.per_sec();
+        let naive_target = BURST_VS_NAIVE * self.naive.rate.per_sec();
+        match (b.synced_secs, self.burst_rate()) {
+            (Some(secs), Some(rate)) => {
+                rows.push(Row::info(
+                    "4",
+                    format!(
+                        "burst of {} changes: first write → staging checked in sync",
+                        b.changes
+                    ),
+                    format!("{secs:.2} s"),
+                ));
+                rows.push(Row::target(
+                    "4",
+                    "burst throughput vs raw change-stream read",
+                    format!(
+                        "{rate:.0} changes/s ({:.2}×)",
+                        rate / self.raw_stream.per_sec()
+                    ),
+                    format!("≥ {stream_target:.0} (0.6×)"),
+                    rate >= stream_target,
+                ));
+                rows.push(Row::target(
+                    "4",
+                    "burst throughput vs naive loop",
+                    format!("{:.1}× naive", rate / self.naive.rate.per_sec()),
+                    format!("≥ 5× ({naive_target:.0}/s)"),
+                    rate >= naive_target,
+                ));
+            }
+            _ => rows.push(Row::target(
+                "4",
+                "burst: staging in sync",
+                b.detail.clone(),
+                "in sync",
+                false,
+            )),
+        }
+        rows.push(Row::target(
+            "4",
+            "peak RSS of stagesync during the burst",
+            format!("{:.1} MiB", kib_to_mib(b.peak_rss_kb)),
+            format!("≤ {RSS_TARGET_MIB:.0} MiB"),
+            kib_to_mib(b.peak_rss_kb) <= RSS_TARGET_MIB,
+        ));
+        rows.push(Row::info(
+            "5",
+            format!("steady load achieved ({} s)", self.sizes.steady_secs),
+            format!("{:.0} changes/s", s.load_rate),
+        ));
+        rows.push(Row::info(
+            "5",
+            format!("steady lag p50 ({} probes)", s.lag.probes),
+            ms(s.lag.p50),
+        ));
+        rows.push(Row::target(
+            "5",
+            "steady lag p99",
+            ms(s.lag.p99),
+            format!("≤ {LAG_P99_TARGET_MS:.0} ms"),
+            s.lag.p99.is_some_and(|p| p <= LAG_P99_TARGET_MS),
+        ));
+        rows.push(Row::info("5", "steady lag max", ms(s.lag.max)));
+        rows.push(Row::target(
+            "rate",
+            format!("max_writes_per_second = {RATE_LIMIT}: staging write rate"),
+            format!("{:.0} docs/s", r.rate),
+            format!(
+                "{:.0}–{:.0}",
+                RATE_LIMIT as f64 * (1.0 - RATE_TOLERANCE),
+                RATE_LIMIT as f64 * (1.0 + RATE_TOLERANCE)
+            ),
+            (r.rate - RATE_LIMIT as f64).abs() <= RATE_LIMIT as f64 * RATE_TOLERANCE,
+        ));
+        rows
+    }
+
+    fn markdown(&self, rows: &[Row]) -> anyhow::Result<String> {
+        let env = self.env;
+        let mut md = String::new();
+        writeln!(md, "# Benchmarks\n")?;
+        writeln!(
+            md,
+            "Generated by `stagesync bench` (src/bench.rs); every figure below comes from one run on one pair of \
+             local servers. Re-run it with the command below; the file is overwritten.\n"
+        )?;
+        writeln!(md, "## Setup\n")?;
+        writeln!(md, "| | |\n|---|---|")?;
+        writeln!(
+            md,
+            "| date | {} |",
+            self.started_at
+                .try_to_rfc3339_string()
+                .unwrap_or_else(|_| self.started_at.to_string())
+        )?;
+        writeln!(md, "| machine | {} |", machine_description())?;
+        writeln!(
+            md,
+            "| servers | `{}` ({}); two processes on this machine (production, staging), flags `{}` |",
+            env.binary.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            env.server_version,
+            env.server_args.join(" ")
+        )?;
+        writeln!(md, "| stagesync | {} |", stagesync_version())?;
+        writeln!(md, "| command | `{}` |", self.command_line)?;
+        writeln!(
+            md,
+            "| sizes | raw {} docs, burst {} changes, naive {} inserts, steady {} s, rate run {} s |\n",
+            self.sizes.raw, self.sizes.burst, self.sizes.naive, self.sizes.steady_secs, self.sizes.rate_secs
+        )?;
+
+        writeln!(md, "## Results\n")?;
+        writeln!(
+            md,
+            "| # | measurement | value | target | result |\n|---|---|---|---|---|"
+        )?;
+        for r in rows {
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                r.item,
+                r.what,
+                r.value,
+                r.target,
+                r.verdict()
+            )?;
+        }
+        let missed: Vec<&Row> = rows.iter().filter(|r| r.pass == Some(false)).collect();
+        if missed.is_empty() {
+            writeln!(md, "\nAll targets met.\n")?;
+        } else {
+            writeln!(
+                md,
+                "\n**{} target(s) missed:** {}. See \"Where the time goes\".\n",
+                missed.len(),
+                missed
+                    .iter()
+                    .map(|r| r.what.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )?;
+        }
+        self.details(&mut md)?;
+        self.where_the_time_goes(&mut md)?;
+        self.method(&mut md)?;
+        Ok(md)
+    }
+
+    fn details(&self, md: &mut String) -> anyhow::Result<()> {
+        let b = &self.burst;
+        let s = &self.steady;
+        let r = &self.rate;
+        writeln!(md, "## Details\n")?;
+        writeln!(
+            md,
+            "- **Item 1.** insert_many: {}. Bulk upsert (`update` command, `{{q: {{userEmail, accountId}}, u: {{$set}}, upsert: true}}`, \
+             unordered, half the keys existing): {}.",
+            self.raw_insert.show("docs/s"),
+            self.raw_upsert.show("docs/s")
+        )?;
+        writeln!(
+            md,
+            "- **Item 2.** {} from the first write to the last event read.",
+            self.raw_stream.show("events/s")
+        )?;
+        let partial = if self.naive.rate.n < self.naive.asked {
+            format!(
+                " (stopped after 180 s: {} of {} done)",
+                self.naive.rate.n, self.naive.asked
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            md,
+            "- **Item 3.** {}{partial}; {} replaceOne, the rest insertOne.",
+            self.naive.rate.show("changes/s"),
+            self.naive.replaced
+        )?;
+        writeln!(
+            md,
+            "- **Item 4.** {} inserts, {} updates, {} deletes written to production in {:.2} s ({:.0} changes/s).",
+            b.counts.inserts,
+            b.counts.updates,
+            b.counts.deletes,
+            b.write_secs,
+            b.changes as f64 / b.write_secs.max(1e-9)
+        )?;
+        match b.synced_secs {
+            Some(t) => writeln!(
+                md,
+                "  Staging was checked in sync {t:.2} s after the first write ({:.2} s after the last one; the passing check \
+                 itself took {:.0} ms and is included{}). Peak RSS (VmHWM) of `stagesync run`: {:.1} MiB.",
+                t - b.write_secs,
+                b.check_ms,
+                match b.counters_done_secs {
+                    Some(c) => format!("; stagesync's own counters said every change was done at {c:.2} s"),
+                    None => String::new(),
+                },
+                kib_to_mib(b.peak_rss_kb)
+            )?,
+            None => writeln!(md, "  Staging was NOT in sync: {}.", b.detail)?,
+        }
+        let applied = metric_by_stage(&b.metrics, "applied");
+        let skipped = metric_by_stage(&b.metrics, "skipped");
+        let failed = metric_by_stage(&b.metrics, "failed");
+        let batches = metric_sum(&b.metrics, "stagesync_batch_size_count");
+        let batch_sum = metric_sum(&b.metrics, "stagesync_batch_size_sum");
+        if batches > 0.0 {
+            writeln!(
+                md,
+                "  stagesync's own counters: {applied:.0} applied, {skipped:.0} skipped, {failed:.0} failed, in {batches:.0} batches \
+                 (mean {:.0} changes per batch).",
+                batch_sum / batches
+            )?;
+        }
+        writeln!(
+            md,
+            "- **Item 5.** Load: {} inserts, {} updates, {} deletes in {:.1} s ({:.0} changes/s, written every {} ms), plus {} probes. \
+             Probe lag p50 {} / p99 {} / max {}{}. stagesync's own `stagesync_lag_seconds` histogram over the same period: \
+             p50 ≈ {}, p99 ≈ {} (interpolated from buckets; it stops at the staging write, the probes at the next poll of staging). \
+             Peak RSS during the steady phase: {:.1} MiB.",
+            s.load.inserts,
+            s.load.updates,
+            s.load.deletes,
+            s.load_secs,
+            s.load_rate,
+            TICK.as_millis(),
+            s.lag.probes,
+            ms(s.lag.p50),
+            ms(s.lag.p99),
+            ms(s.lag.max),
+            if s.lag.unanswered > 0 { format!(" ({} probes never appeared within 30 s)", s.lag.unanswered) } else { String::new() },
+            s.product_lag.0.map(|v| format!("{:.0} ms", v * 1000.0)).unwrap_or_else(|| "-".into()),
+            s.product_lag.1.map(|v| format!("{:.0} ms", v * 1000.0)).unwrap_or_else(|| "-".into()),
+            kib_to_mib(s.peak_rss_kb)
+        )?;
+        match &s.in_sync_after {
+            Ok(t) => writeln!(
+                md,
+                "  After the load stopped, staging was checked in sync again within {t:.2} s."
+            )?,
+            Err(d) => writeln!(
+                md,
+                "  After the load stopped, staging was NOT in sync: {d}."
+            )?,
+        }
+        writeln!(
+            md,
+            "  CPU during the steady phase: {}.",
+            cpu_summary(&s.cpu)
+        )?;
+        let samples: Vec<String> = r
+            .samples
+            .iter()
+            .map(|(t, n)| format!("{t:.1} s: {n}"))
+            .collect();
+        writeln!(
+            md,
+            "- **max_writes_per_second.** {} inserts written to production at once; staging count sampled every second: {}. \
+             Rate over the middle of the run ({:.1}–{:.1} s): {:.0} docs/s (per-second rates {:.0}–{:.0}). The run was then stopped: {}.\n",
+            r.inserts,
+            samples.join(", "),
+            r.window.0,
+            r.window.1,
+            r.rate,
+            r.min_second,
+            r.max_second,
+            r.exit
+        )?;
+        Ok(())
+    }
+
+    fn where_the_time_goes(&self, md: &mut String) -> anyhow::Result<()> {
+        let b = &self.burst;
+        writeln!(md, "## Where the time goes\n")?;
+        writeln!(md, "Measured during the burst (item 4), from the first production write until the passing check.\n")?;
+        let stream_rate = self.raw_stream.per_sec();
+        let write_rate = b.changes as f64 / b.write_secs.max(1e-9);
+        if let Some(rate) = self.burst_rate() {
+            let tail = b.synced_secs.unwrap_or(0.0) - b.write_secs;
+            writeln!(
+                md,
+                "- **The supply of changes.** The bench wrote the burst to production at {write_rate:.0} changes/s ({:.2} s); \
+                 stagesync finished {tail:.2} s after the last write, at {rate:.0} changes/s overall. \
+                 No reader of the change stream can be faster than production accepts writes: the raw read of item 2 is \
+                 bounded the same way ({stream_rate:.0} events/s, for plain inserts, which are the cheapest events).",
+                b.write_secs
+            )?;
+            if tail > b.write_secs {
+                writeln!(
+                    md,
+                    "  Here stagesync's own work dominates: most of the elapsed time comes after production had accepted every write."
+                )?;
+            } else {
+                writeln!(
+                    md,
+                    "  stagesync kept up with production during most of the burst: the time is dominated by production accepting the writes."
+                )?;
+            }
+        }
+        writeln!(md, "- **CPU.** {}.", cpu_summary(&b.cpu))?;
+        if let Some(busy) = b.cpu.machine_busy {
+            let product_cpu = b.cpu.get("stagesync run").unwrap_or(0.0);
+            let servers = b.cpu.get("production server").unwrap_or(0.0)
+                + b.cpu.get("staging server").unwrap_or(0.0);
+            if busy >= 0.85 {
+                writeln!(
+                    md,
+                    "  The {} cores were saturated ({:.0} % busy): every process waits for CPU, so the burst is CPU-bound on this \
+                     machine. The two servers used {servers:.1} CPU-s, stagesync {product_cpu:.1} CPU-s; on separate machines \
+                     (the normal deployment) each would have the whole machine.",
+                    b.cpu.cores,
+                    busy * 100.0
+                )?;
+            } else {
+                writeln!(
+                    md,
+                    "  The cores were {:.0} % busy: the burst is bounded by latency (round trips, batching waits), not by CPU.",
+                    busy * 100.0
+                )?;
+            }
+            if product_cpu > 0.0 && b.changes > 0 {
+                writeln!(
+                    md,
+                    "  stagesync spent {:.1} µs of CPU per change (reading, decoding, planning, encoding the bulk writes).",
+                    product_cpu * 1e6 / b.changes as f64
+                )?;
+            }
+        }
+        let batches = metric_sum(&b.metrics, "stagesync_batch_size_count");
+        if batches > 0.0 {
+            writeln!(
+                md,
+                "- **Batching.** {batches:.0} batches, {:.0} changes per batch on average. Each batch costs two staging \
+                 look-ups (by production `_id`, then by business key for inserts) and one unordered bulk command per kind of \
+                 write, split over `apply_concurrency` chunks; reading the next batch overlaps applying this one (two \
+                 batches in flight).",
+                metric_sum(&b.metrics, "stagesync_batch_size_sum") / batches
+            )?;
+        }
+        if self.steady.lag.p99.is_some_and(|p| p > LAG_P99_TARGET_MS) {
+            writeln!(
+                md,
+                "- **Steady lag.** p99 {} is above the target; the product's own histogram puts its p99 at {}; compare the CPU figures of the steady phase above: a saturated machine queues every step.",
+                ms(self.steady.lag.p99),
+                self.steady.product_lag.1.map(|v| format!("{:.0} ms", v * 1000.0)).unwrap_or_else(|| "-".into()),
+            )?;
+        }
+        let r = &self.rate;
+        if (r.rate - RATE_LIMIT as f64).abs() > RATE_LIMIT as f64 * RATE_TOLERANCE {
+            writeln!(
+                md,
+                "- **Rate limit.** Staging took {:.0} docs/s instead of {RATE_LIMIT} ± 10 %.{}",
+                r.rate,
+                if r.rate < RATE_LIMIT as f64 * (1.0 - RATE_TOLERANCE) {
+                    " Below the limit: the token bucket is not what bounds the rate (see the burst figures for the unthrottled capacity)."
+                } else {
+                    " Above the limit: the token bucket lets more through than configured."
+                }
+            )?;
+        }
+        match (&self.profile_text, &b.profile) {
+            (Some(text), Some(p)) => {
+                writeln!(
+                    md,
+                    "\n### Profile of the burst\n\nSystem-wide `perf record -a -F 499` (cpu-clock samples, no call graphs) over the \
+                     {:.1} s of the burst; per process, the share of its own samples by shared object and symbol \
+                     (`perf report --no-children --sort dso,sym --percentage relative`, entries ≥ 1.5 %).\n",
+                    p.secs
+                )?;
+                writeln!(md, "{text}")?;
+            }
+            _ => writeln!(
+                md,
+                "\n(No perf profile: perf is not installed or `--no-profile` was given.)\n"
+            )?,
+        }
+        Ok(())
+    }
+
+    fn method(&self, md: &mut String) -> anyhow::Result<()> {
+        writeln!(md, "## How each figure is measured\n")?;
+        writeln!(
+            md,
+            "1. **Staging raw writes**: `insert_many` of small order documents (~250 bytes) in batches of 1000, one batch at a \
+             time, into a collection with the unique business-key index stagesync creates; then the same number of upserts by \
+             business key with the `update` command, 1000 statements per command.\n\
+             2. **Raw change-stream read**: a change stream opened on production (batch size 1000, 100 ms await, like \
+             stagesync's reader), then the inserts written by a concurrent task in `insert_many` batches of 1000; the time runs \
+             from the first write to the last event read.\n\
+             3. **Naive loop**: the same kind of stream (with `fullDocument: updateLookup`) and, per change, `findOne` on staging \
+             by business key, then `insertOne` or `replaceOne` — one change at a time, as a simple hand-written sync would do.\n\
+             4. **Burst**: `stagesync run` as a child process (`{} run -c <config> --log-format json --metrics-addr …`), started \
+             on empty databases; once its stream is open (its checkpoint has a resume token) the bench writes the burst as fast \
+             as production takes it: per 1000 inserts, one `insert_many`, then an `update_many` (25 % of all changes) and a \
+             `delete_many` (5 %) of the previous 1000 documents, so the stream sees the mix throughout. \"In sync\" is \
+             checked, not assumed: staging's soft-deleted documents equal the deletes, its live documents equal production's \
+             documents, and the updated value is on as many live documents as in production. The check runs when stagesync's \
+             own counters say every change is done (or every 2 s without metrics); the time stops when it passes. Peak RSS \
+             is the kernel's VmHWM of the process, polled with VmRSS every 50 ms.\n\
+             5. **Steady state**: against the same running process, {STEADY_RATE} changes/s (every {} ms: 140 inserts, 50 \
+             updates, 10 deletes) and, every {} ms, a probe document with a unique business key; a watcher queries staging \
+             for the outstanding probes every {} ms. Lag = the probe's appearance in staging minus the moment its production \
+             insert was issued.\n\
+             6. **max_writes_per_second**: a second `stagesync run` with `max_writes_per_second = {RATE_LIMIT}` on fresh \
+             databases, a burst of inserts, and staging's document count sampled every second; the rate is taken over the \
+             samples without the first and last fifth.\n",
+            self.env.exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "stagesync".into()),
+            TICK.as_millis(),
+            PROBE_EVERY.as_millis(),
+            PROBE_POLL.as_millis()
+        )?;
+        writeln!(md, "Configuration of the burst and steady runs (the rate run uses databases of its own and adds \
+             `max_writes_per_second = {RATE_LIMIT}` under `[sync]`):\n")?;
+        writeln!(
+            md,
+            "```toml\n{}```",
+            sanitize_config(&self.burst.config_text)
+        )?;
+        Ok(())
+    }
+}
+
+fn metric_by_stage(samples: &[Sample], stage: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == "stagesync_changes_total" && s.label("stage") == Some(stage))
+        .map(|s| s.value)
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
+}
+
+fn cpu_summary(cpu: &CpuUse) -> String {
+    let mut parts: Vec<String> = cpu
+        .per_process
+        .iter()
+        .map(|(name, secs)| {
+            format!(
+                "{name} {secs:.1} CPU-s ({:.0} % of a core)",
+                secs / cpu.wall_secs.max(1e-9) * 100.0
+            )
+        })
+        .collect();
+    if let Some(busy) = cpu.machine_busy {
+        parts.push(format!(
+            "machine {:.0} % busy over {} cores",
+            busy * 100.0,
+            cpu.cores
+        ));
+    }
+    format!("over {:.1} s: {}", cpu.wall_secs, parts.join(", "))
+}
+
+/// The config as written, with the (local, random) ports replaced by placeholders.
+fn sanitize_config(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with("uri = ") {
+                "uri = \"mongodb://127.0.0.1:<port>/?directConnection=true\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+fn machine_description() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = proc_meminfo_kb("MemTotal").map(|kb| kb as f64 / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{} cores (`nproc`), {model}, {} RAM, Linux {kernel}",
+        cores(),
+        mem_gib
+            .map(|g| format!("{g:.1} GiB"))
+            .unwrap_or_else(|| "unknown".into())
+    )
+}
+
+fn proc_meminfo_kb(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn stagesync_version() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = Command::new("git")
+        .args(["-C", dir, "rev-parse", "--short", "HEAD"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string());
+    let dirty = Command::new("git")
+        .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    let profile = if cfg!(debug_assertions) {
+        "debug build"
+    } else {
+        "release build"
+    };
+    match git {
+        Some(g) => format!(
+            "{} (git {g}{}), {profile}",
+            env!("CARGO_PKG_VERSION"),
+            if dirty {
+                " with uncommitted changes"
+            } else {
+                ""
+            }
+        ),
+        None => format!("{}, {profile}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prometheus_samples() {
+        let s = parse_sample(r#"stagesync_changes_total{collection="orders",operation="insert",reason="",stage="applied"} 42"#).unwrap();
+        assert_eq!(s.name, "stagesync_changes_total");
+        assert_eq!(s.label("stage"), Some("applied"));
+        assert_eq!(s.label("reason"), Some(""));
+        assert_eq!(s.value, 42.0);
+        let s = parse_sample(r#"stagesync_lag_seconds_bucket{collection="orders",le="+Inf"} 7"#)
+            .unwrap();
+        assert_eq!(s.label("le"), Some("+Inf"));
+        let s = parse_sample("stagesync_batch_size_sum 12.5").unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.value),
+            ("stagesync_batch_size_sum", 12.5)
+        );
+    }
+
+    #[test]
+    fn histogram_quantiles_interpolate() {
+        let b = vec![
+            (0.1, 50.0),
+            (0.5, 90.0),
+            (1.0, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert!((histogram_quantile(&b, 0.5).unwrap() - 0.1).abs() < 1e-9);
+        let p = histogram_quantile(&b, 0.7).unwrap();
+        assert!((p - 0.3).abs() < 1e-9, "{p}");
+        assert_eq!(histogram_quantile(&[(1.0, 0.0)], 0.5), None);
+    }
+
+    #[test]
+    fn lag_percentiles_count_unanswered_probes() {
+        let l = LagStats::of((1..=100).map(f64::from).collect(), 0);
+        assert_eq!((l.p50, l.p99, l.max), (Some(50.0), Some(99.0), Some(100.0)));
+        let l = LagStats::of((1..=98).map(f64::from).collect(), 2);
+        assert_eq!(l.p99, None);
+        assert_eq!(l.max, None);
+    }
+
+    #[test]
+    fn mix_is_70_25_5() {
+        // Per 14 inserted documents: 5 updated, 1 deleted.
+        let ids = 0..14 * 1000i64;
+        let updated = ids
+            .clone()
+            .filter(|i| i % BUCKETS < UPDATED_BUCKETS)
+            .count();
+        let deleted = ids
+            .clone()
+            .filter(|i| i % BUCKETS == DELETED_BUCKET)
+            .count();
+        assert_eq!((updated, deleted), (5000, 1000));
+    }
 }

@@ -77,8 +77,25 @@ impl LocalServer {
             child: None,
             log_path,
         };
-        server.spawn()?;
-        Ok(server)
+        // Another process may take the free port before the server binds it: try other ports.
+        let mut attempts = 0;
+        loop {
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e)
+                    if attempts < 3
+                        && server
+                            .child
+                            .as_mut()
+                            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) =>
+                {
+                    tracing::debug!(error = %e, "server did not start; trying another port");
+                    attempts += 1;
+                    server.port = free_port()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `mongodb://127.0.0.1:PORT/?directConnection=true`

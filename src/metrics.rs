@@ -154,6 +154,8 @@ impl Metrics {
         addr: SocketAddr,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let listener = TcpListener::bind(addr).await?;
+        // With port 0 the OS picks one; the log says which.
+        let addr = listener.local_addr()?;
         tracing::info!(%addr, "serving /metrics and /healthz");
         Ok(tokio::spawn(async move {
             loop {

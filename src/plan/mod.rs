@@ -80,7 +80,7 @@ impl Rules {
     }
 
     /// The first of two lookups per batch: the staging documents recorded as coming from the
-    /// batch's production `_id`s (`_sync.id $in [...]`).
+    /// batch's production `_id`s (`_sync.id $in [...]`, or `_sync.prior.id`).
     pub fn id_filter(&self, changes: &[Change]) -> Option<Document> {
         let mut seen = std::collections::HashSet::new();
         let ids: Vec<Bson> = changes
@@ -88,7 +88,14 @@ impl Rules {
             .filter(|c| seen.insert(canonical(&c.prod_id)))
             .map(|c| c.prod_id.clone())
             .collect();
-        (!ids.is_empty()).then(|| doc! { self.meta_path("id"): { "$in": ids } })
+        // Documents that once belonged to these `_id`s too: their `prior` records say which
+        // changes of them were already applied (so replays stay no-ops).
+        (!ids.is_empty()).then(|| {
+            doc! { "$or": [
+                { self.meta_path("id"): { "$in": ids.clone() } },
+                { self.meta_path("prior.id"): { "$in": ids } },
+            ] }
+        })
     }
 
     /// The business keys the batch needs looked up, given the documents found by `_id`: every
@@ -289,6 +296,8 @@ struct Working<'r> {
     slots: Vec<Slot>,
     by_prod_id: HashMap<Vec<u8>, usize>,
     by_key: HashMap<Vec<u8>, usize>,
+    /// Production `_id` → the newest change of it known applied to a document it no longer owns.
+    prior: HashMap<Vec<u8>, (u32, u32)>,
 }
 
 impl<'r> Working<'r> {
@@ -298,6 +307,7 @@ impl<'r> Working<'r> {
             slots: Vec::new(),
             by_prod_id: HashMap::new(),
             by_key: HashMap::new(),
+            prior: HashMap::new(),
         };
         let mut seen = std::collections::HashSet::new();
         for d in existing {
@@ -327,6 +337,17 @@ impl<'r> Working<'r> {
             return;
         };
         let meta = meta_of(doc, &self.rules.meta_field);
+        for p in meta
+            .and_then(|m| m.get_array("prior").ok())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_document())
+        {
+            if let (Some(id), Ok(ts)) = (p.get("id"), p.get_timestamp("ts")) {
+                let newest = self.prior.entry(canonical(id)).or_insert(ts_key(ts));
+                *newest = (*newest).max(ts_key(ts));
+            }
+        }
         if let Some(id) = meta.and_then(|m| m.get("id")) {
             let ts = meta.and_then(|m| m.get_timestamp("ts").ok()).map(ts_key);
             let slots = &self.slots;
@@ -355,9 +376,47 @@ impl<'r> Working<'r> {
         }
     }
 
-    fn unindex(&mut self, i: usize) {
-        self.by_prod_id.retain(|_, v| *v != i);
-        self.by_key.retain(|_, v| *v != i);
+    /// Changes slot `i`'s document (or removes it, when `change` returns `None`), keeping the
+    /// indexes right: claims the document gives up fall back to the next document holding them,
+    /// exactly as a fresh lookup of the next batch would see it.
+    fn update(&mut self, i: usize, change: impl FnOnce(Document) -> Option<Document>) {
+        let mut released_ids = Vec::new();
+        let mut released_keys = Vec::new();
+        self.by_prod_id.retain(|k, v| {
+            *v != i || {
+                released_ids.push(k.clone());
+                false
+            }
+        });
+        self.by_key.retain(|k, v| {
+            *v != i || {
+                released_keys.push(k.clone());
+                false
+            }
+        });
+        let doc = self.slots[i]
+            .current
+            .take()
+            .expect("updated slots are live");
+        self.slots[i].current = change(doc);
+        self.index(i);
+        for j in (0..self.slots.len()).filter(|&j| j != i) {
+            let Some(d) = &self.slots[j].current else {
+                continue;
+            };
+            let claims_id = meta_of(d, &self.rules.meta_field)
+                .and_then(|m| m.get("id"))
+                .is_some_and(|id| {
+                    released_ids.contains(&canonical(id))
+                        && !self.by_prod_id.contains_key(&canonical(id))
+                });
+            let claims_key = self.rules.key_of(d).is_ok_and(|k| {
+                released_keys.contains(&k.canonical()) && !self.by_key.contains_key(&k.canonical())
+            });
+            if claims_id || claims_key {
+                self.index(j);
+            }
+        }
     }
 
     fn doc(&self, i: usize) -> &Document {
@@ -379,6 +438,21 @@ impl<'r> Working<'r> {
             .get(&key.canonical())
             .copied()
             .filter(|&i| self.slots[i].current.is_some())
+    }
+
+    /// True when a change of this production `_id` at `ts` was already applied to a document
+    /// the `_id` has since lost to another owner (so it must not be applied again).
+    fn seen_before(&self, c: &Change) -> bool {
+        self.prior
+            .get(&canonical(&c.prod_id))
+            .is_some_and(|&newest| ts_key(c.cluster_time) <= newest)
+    }
+
+    /// True when staging document `i` already reflects `c` or something newer (the order rule).
+    fn reflects(&self, i: usize, c: &Change) -> bool {
+        meta_of(self.doc(i), &self.rules.meta_field)
+            .and_then(|m| m.get_timestamp("ts").ok())
+            .is_some_and(|seen| ts_key(c.cluster_time) <= ts_key(seen))
     }
 
     fn is_soft_deleted(&self, i: usize) -> bool {
@@ -459,6 +533,9 @@ pub fn plan_batch(
 /// Applies one change to the working state; returns its outcome and the slot it changed.
 fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<usize>) {
     let rules = w.rules;
+    if w.seen_before(c) {
+        return (Outcome::Skipped(Skip::Stale), None);
+    }
     if c.op == Op::Delete {
         return plan_delete(w, c, now);
     }
@@ -490,21 +567,23 @@ fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
             )
         }
     };
-    // Locate the staging document: inserts by business key first (adoption), updates by the
-    // recorded production `_id` first (so a business key change moves the same document).
+    // Locate the staging document: inserts by business key (adoption, else a new document),
+    // updates by the recorded production `_id` first (so a business key change moves the same
+    // document), then by key.
     let by_id = w.find_by_prod_id(&c.prod_id);
     let by_key = w.find_by_key(&key);
+    // Already reflected where this `_id` lives now (e.g. a replayed insert of a document that
+    // has since changed its key): nothing to do.
+    if by_id.is_some_and(|t| w.reflects(t, c)) {
+        return (Outcome::Skipped(Skip::Stale), None);
+    }
     let target = match c.op {
-        Op::Insert => by_key.or(by_id),
+        Op::Insert => by_key,
         _ => by_id.or(by_key),
     };
     if let Some(t) = target {
-        if let Some(seen) =
-            meta_of(w.doc(t), &rules.meta_field).and_then(|m| m.get_timestamp("ts").ok())
-        {
-            if ts_key(c.cluster_time) <= ts_key(seen) {
-                return (Outcome::Skipped(Skip::Stale), None);
-            }
+        if w.reflects(t, c) {
+            return (Outcome::Skipped(Skip::Stale), None);
         }
         // Adopting a document by key: refuse to take over one that belongs to another live
         // production document (two production documents with one business key).
@@ -532,10 +611,10 @@ fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
         Some(t) => t,
         None => w.add(None, doc! { "_id": mongodb::bson::oid::ObjectId::new() }),
     };
-    w.unindex(slot);
-    let staging = w.slots[slot].current.as_mut().expect("live slot");
-    merge_change(rules, staging, prod, c);
-    w.index(slot);
+    w.update(slot, |mut staging| {
+        merge_change(rules, &mut staging, prod, c);
+        Some(staging)
+    });
     (Outcome::Applied, Some(slot))
 }
 
@@ -574,10 +653,34 @@ fn merge_change(rules: &Rules, staging: &mut Document, prod: &Document, c: &Chan
             staging.remove(f);
         }
     }
-    staging.insert(
-        rules.meta_field.clone(),
-        doc! { "id": c.prod_id.clone(), "ts": c.cluster_time, "fields": prod_fields },
-    );
+    let mut meta = doc! { "id": c.prod_id.clone(), "ts": c.cluster_time, "fields": prod_fields };
+    let prior = prior_owners_after(meta_of(staging, &rules.meta_field), &c.prod_id);
+    if !prior.is_empty() {
+        meta.insert("prior", prior);
+    }
+    staging.insert(rules.meta_field.clone(), meta);
+}
+
+/// How many earlier owners a staging document remembers (see [`prior_owners_after`]).
+const MAX_PRIOR_OWNERS: usize = 8;
+
+/// When a document passes from one production `_id` to another (a re-insert adopting a
+/// soft-deleted document by key), the old owner and the last change of it that was applied are
+/// remembered in `prior: [{id, ts}]`, newest last. Without this, replaying the old owner's
+/// changes would find no document of theirs and recreate ghosts; with it, they are recognised as
+/// already applied (see `Working::seen_before`).
+fn prior_owners_after(meta: Option<&Document>, new_owner: &Bson) -> Vec<Bson> {
+    let Some(meta) = meta else { return vec![] };
+    let mut prior: Vec<Bson> = meta.get_array("prior").cloned().unwrap_or_default();
+    if let (Some(old), Ok(ts)) = (meta.get("id"), meta.get_timestamp("ts")) {
+        if old != new_owner {
+            prior.retain(|p| p.as_document().and_then(|d| d.get("id")) != Some(old));
+            prior.push(Bson::Document(doc! { "id": old.clone(), "ts": ts }));
+        }
+    }
+    let excess = prior.len().saturating_sub(MAX_PRIOR_OWNERS);
+    prior.drain(..excess);
+    prior
 }
 
 fn plan_delete(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<usize>) {
@@ -598,8 +701,7 @@ fn plan_delete(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
     }
     match rules.deletes {
         DeleteMode::Hard => {
-            w.unindex(t);
-            w.slots[t].current = None;
+            w.update(t, |_| None);
         }
         _ => {
             let staging = w.slots[t].current.as_mut().expect("live slot");

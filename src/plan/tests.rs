@@ -371,8 +371,68 @@ fn lookups_skip_keys_of_updates_that_keep_them() {
     );
     assert_eq!(
         r.id_filter(&changes).unwrap(),
-        doc! { "_sync.id": { "$in": [1, 2, 3] } }
+        doc! { "$or": [{ "_sync.id": { "$in": [1, 2, 3] } }, { "_sync.prior.id": { "$in": [1, 2, 3] } }] }
     );
+}
+
+#[test]
+fn an_adopted_document_remembers_its_prior_owner_so_replays_stay_no_ops() {
+    // Found by the coalescing property: pid 1 moves to key e1 and is deleted; pid 0 is inserted
+    // with e1 and adopts the soft-deleted document. Replaying pid 1's changes must not recreate it.
+    let changes = vec![
+        change(
+            Op::Insert,
+            1,
+            Some(doc! { "_id": 1, "email": "e2", "acct": 1 }),
+            1,
+        ),
+        change(
+            Op::Replace,
+            1,
+            Some(doc! { "_id": 1, "email": "e1", "acct": 1 }),
+            2,
+        ),
+        change(Op::Delete, 1, None, 3),
+        change(
+            Op::Insert,
+            0,
+            Some(doc! { "_id": 0, "email": "e1", "acct": 1 }),
+            4,
+        ),
+    ];
+    let mut staging = vec![];
+    for c in &changes {
+        let plan = plan_now(std::slice::from_ref(c), &staging);
+        apply(&mut staging, &plan);
+    }
+    assert_eq!(staging.len(), 1);
+    let meta = staging[0].get_document("_sync").unwrap();
+    assert_eq!(meta.get_i32("id").unwrap(), 0);
+    assert_eq!(
+        meta.get_array("prior").unwrap(),
+        &vec![Bson::Document(doc! { "id": 1, "ts": ts(3) })]
+    );
+    let replay = plan_now(&changes, &staging);
+    assert!(replay.writes.is_empty(), "{:?}", replay.writes);
+    assert!(
+        replay
+            .outcomes
+            .iter()
+            .all(|o| *o == Outcome::Skipped(Skip::Stale)),
+        "{:?}",
+        replay.outcomes
+    );
+    // A genuinely new change of the old owner is not swallowed, and does not take the document back.
+    let later = plan_now(
+        &[change(
+            Op::Insert,
+            1,
+            Some(doc! { "_id": 1, "email": "e7", "acct": 1 }),
+            9,
+        )],
+        &staging,
+    );
+    assert!(matches!(&later.writes[0].op, WriteOp::Insert(d) if d.get_str("email") == Ok("e7")));
 }
 
 #[test]
