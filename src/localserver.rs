@@ -44,8 +44,26 @@ pub fn server_binary(native: bool) -> anyhow::Result<PathBuf> {
     })
 }
 
-/// A free TCP port on loopback (the OS picks; a small race with other processes is possible).
+/// A free TCP port on loopback, chosen *below* the kernel's ephemeral range.
+///
+/// Ports the OS hands out for `bind(0)` and for outgoing connections come from the ephemeral
+/// range; a server port taken from there can, once the server is stopped for an outage test, be
+/// handed to another test's server or even to a client socket (a TCP self-connect) — and the
+/// sync would talk to the wrong peer. Below the range only this picker hands ports out.
 pub fn free_port() -> std::io::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 12000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..200 {
+            let port = rand::Rng::gen_range(&mut rng, 10000..low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -348,8 +348,17 @@ async fn insert_range(prod: &mongodb::Collection<Document>, from: i32, n: i32, t
 }
 
 async fn outage_test(stop_production: bool) {
-    let mut pair = Pair::start_local(&[]);
-    let (path, config) = pair.config("", ORDERS);
+    // The servers are killed (SIGKILL), not shut down. A server only keeps what it acknowledged
+    // across a kill when it syncs its log on commit, and stagesync only relies on what staging
+    // acknowledged as durable: so `--sync-on-commit` on the servers and `write_concern =
+    // "majority"` (j: true on MongoDB) — as recommended for real clusters in the README.
+    let mut pair = Pair::start_local(&["--sync-on-commit"]);
+    let text = pair
+        .config_text("", ORDERS)
+        .replace("write_concern = 1", "write_concern = \"majority\"");
+    let path = pair.dir.path().join("outage.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = std::sync::Arc::new(stagesync::config::Config::load(&path).unwrap());
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
     let mut run = RunProcess::start(&path, pair.dir.path(), &[]);
@@ -388,19 +397,23 @@ async fn outage_test(stop_production: bool) {
     }
     let staging = pair.staging().await.collection::<Document>("orders");
     let expected_live = if stop_production { 400 } else { 390 };
-    eventually(
-        "staging to catch up after the outage",
-        Duration::from_secs(60),
-        || async {
-            staging
-                .count_documents(doc! { "deleted": { "$ne": true } })
-                .await
-                .unwrap_or(0)
-                == expected_live
-                && staging.count_documents(doc! {}).await.unwrap_or(0) == 400
-        },
-    )
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let live = staging
+            .count_documents(doc! { "deleted": { "$ne": true } })
+            .await
+            .unwrap_or(0);
+        let all = staging.count_documents(doc! {}).await.unwrap_or(0);
+        if live == expected_live && all == 400 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = run.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!("staging did not catch up after the outage: {live} live of {expected_live}, {all} of 400; run log (newest first):\n{}", tail.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     if !stop_production {
         assert_eq!(
             staging.count_documents(doc! { "v": 1 }).await.unwrap(),
