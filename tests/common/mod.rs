@@ -157,7 +157,7 @@ impl Engine {
         let cfg = engine.ctx.config.clone();
         eventually(
             "every stream to open and checkpoint",
-            Duration::from_secs(30),
+            Duration::from_secs(120),
             || async {
                 for c in &cfg.collections {
                     match engine.ctx.checkpoints.load(&c.name).await.unwrap() {
