@@ -1379,64 +1379,156 @@ fn kib_to_mib(kb: u64) -> f64 {
 // perf
 
 struct Profiler {
-    child: Child,
-    data: PathBuf,
+    flat: Child,
+    flat_data: PathBuf,
+    calls: Option<(Child, PathBuf)>,
 }
 
 struct Profile {
-    data: PathBuf,
+    flat: PathBuf,
+    calls: Option<PathBuf>,
     secs: f64,
 }
 
-impl Profiler {
-    /// A system-wide `perf record` (cpu-clock samples at 499 Hz, no call graphs), if perf works.
-    fn start(dir: &Path) -> Option<Profiler> {
-        let data = dir.join("burst.perf.data");
-        let child = Command::new("perf")
-            .args(["record", "-a", "-F", "499", "-q", "-o"])
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        Some(Profiler { child, data })
-    }
+fn spawn_perf(args: &[&str], data: &Path) -> Option<Child> {
+    Command::new("perf")
+        .args(args)
+        .arg("-o")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
 
-    async fn stop(mut self, secs: f64) -> Option<Profile> {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return None;
-                }
+/// SIGINT (perf then writes its file), then up to 60 s for it to finish.
+async fn stop_perf(mut child: Child) -> bool {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return true,
+            Ok(None) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
             }
         }
-        self.data.exists().then(|| Profile {
-            data: self.data.clone(),
+    }
+}
+
+impl Profiler {
+    /// Two `perf record`s, if perf works: system-wide cpu-clock samples at 499 Hz without call
+    /// graphs (which process and which function), and stagesync alone at 99 Hz with DWARF call
+    /// graphs (which of its functions, inlined callers included, the time is spent under).
+    fn start(dir: &Path, product_pid: u32) -> Option<Profiler> {
+        let flat_data = dir.join("burst.perf.data");
+        let flat = spawn_perf(&["record", "-a", "-F", "499", "-q"], &flat_data)?;
+        let calls_data = dir.join("burst-stagesync.perf.data");
+        let pid = product_pid.to_string();
+        let calls = spawn_perf(
+            &[
+                "record",
+                "-p",
+                &pid,
+                "-F",
+                "99",
+                "--call-graph",
+                "dwarf,8192",
+                "-q",
+            ],
+            &calls_data,
+        )
+        .map(|c| (c, calls_data));
+        Some(Profiler {
+            flat,
+            flat_data,
+            calls,
+        })
+    }
+
+    async fn stop(self, secs: f64) -> Option<Profile> {
+        let calls = match self.calls {
+            Some((child, data)) => (stop_perf(child).await && data.exists()).then_some(data),
+            None => None,
+        };
+        let flat_ok = stop_perf(self.flat).await && self.flat_data.exists();
+        flat_ok.then_some(Profile {
+            flat: self.flat_data,
+            calls,
             secs,
         })
     }
 }
 
+/// The non-comment lines `perf report` prints for `args`.
+fn perf_report(args: &[&str], data: &Path) -> Vec<String> {
+    let output = Command::new("perf")
+        .arg("report")
+        .args(args)
+        .arg("-i")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    match output {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .map(String::from)
+            .collect(),
+        Err(_) => vec![],
+    }
+}
+
 impl Profile {
-    /// The hottest symbols of each process, as `perf report` prints them.
+    /// The hottest symbols of each process, and stagesync's functions by inclusive time.
     fn report(&self, processes: &[(&str, Option<u32>)]) -> String {
         let mut out = String::new();
+        if let Some(calls) = &self.calls {
+            let lines: Vec<String> = perf_report(
+                &[
+                    "--stdio",
+                    "--children",
+                    "-q",
+                    "-g",
+                    "none",
+                    "--sort",
+                    "sym",
+                    "--percent-limit",
+                    "2",
+                ],
+                calls,
+            )
+            .into_iter()
+            .filter(|l| l.contains("] stagesync::") && !l.ends_with("{{closure}}"))
+            .take(16)
+            .map(|l| shorten_symbol_line(&l, 150))
+            .collect();
+            if !lines.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "stagesync's own functions by inclusive share of its CPU samples (`perf record --call-graph dwarf`, \
+                     `perf report --children`; first column: with callees, second: itself):\n```"
+                );
+                for l in lines {
+                    let _ = writeln!(out, "{l}");
+                }
+                let _ = writeln!(out, "```");
+            }
+        }
         for (name, pid) in processes {
             let Some(pid) = pid else { continue };
-            let output = Command::new("perf")
-                .args([
-                    "report",
+            let pid_text = pid.to_string();
+            let lines: Vec<String> = perf_report(
+                &[
                     "--stdio",
                     "--no-children",
                     "-q",
@@ -1444,23 +1536,18 @@ impl Profile {
                     "relative",
                     "--sort",
                     "dso,sym",
-                ])
-                .args(["--percent-limit", "1.5", "--pid", &pid.to_string(), "-i"])
-                .arg(&self.data)
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .output();
-            let lines: Vec<String> = match output {
-                Ok(o) => String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .map(str::trim_end)
-                    .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-                    .take(14)
-                    .map(|l| shorten_symbol_line(l, 150))
-                    .collect(),
-                Err(_) => vec![],
-            };
-            let _ = writeln!(out, "{name} (pid {pid}):\n```");
+                    "--percent-limit",
+                    "1.5",
+                    "--pid",
+                    &pid_text,
+                ],
+                &self.flat,
+            )
+            .into_iter()
+            .take(14)
+            .map(|l| shorten_symbol_line(&l, 150))
+            .collect();
+            let _ = writeln!(out, "{name} (pid {pid}), flat:\n```");
             if lines.is_empty() {
                 let _ = writeln!(out, "(no samples)");
             }
@@ -1638,7 +1725,7 @@ async fn burst(
     let ticks = clock_ticks();
     let pids = env.pids(Some(product.pid));
     let profiler = if profile {
-        Profiler::start(env.dir.path())
+        Profiler::start(env.dir.path(), product.pid)
     } else {
         None
     };
@@ -2586,7 +2673,7 @@ impl Report<'_> {
                     product_cpu / b.cpu.wall_secs.max(1e-9) * 100.0
                 )?;
             }
-            if product_cpu > 0.0 && b.changes > 0 {
+            if product_cpu > 0.0 && b.changes > 0 && product_cpu / wall < 0.6 {
                 writeln!(
                     md,
                     "  stagesync spent {:.1} µs of CPU per change (decoding events, planning, encoding the bulk writes); \
@@ -2655,9 +2742,10 @@ impl Report<'_> {
             (Some(text), Some(p)) => {
                 writeln!(
                     md,
-                    "\n### Profile of the burst\n\nSystem-wide `perf record -a -F 499` (cpu-clock samples, no call graphs) \
-                     over the {:.1} s of the burst; per process, the share of its own samples by shared object and \
-                     symbol (`perf report --no-children --sort dso,sym --percentage relative`, entries ≥ 1.5 %).\n",
+                    "\n### Profile of the burst\n\n`perf` over the {:.1} s of the burst: stagesync alone with call graphs \
+                     (`perf record -p PID -F 99 --call-graph dwarf`), then the whole machine without \
+                     (`perf record -a -F 499`), per process the share of its own samples by shared object and symbol \
+                     (`perf report --no-children --sort dso,sym --percentage relative`, entries ≥ 1.5 %).\n",
                     p.secs
                 )?;
                 writeln!(md, "{text}")?;

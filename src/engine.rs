@@ -26,6 +26,10 @@ use crate::source::change::Change;
 use crate::source::stream::{self, Batch, ReaderMessage, ReaderSettings, StartAt};
 use crate::transform::Masker;
 
+/// How long a stopping run lets the batch in flight finish before abandoning it (`run` must
+/// exit within 10 s of SIGTERM).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
 /// Why `run` stopped other than by a signal.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -392,7 +396,21 @@ impl CollectionSync {
         let mut backoff = Backoff::default();
         let mut outage: Option<Instant> = None;
         loop {
-            match self.apply_changes(changes, origin).await {
+            let apply = self.apply_changes(changes, origin);
+            tokio::pin!(apply);
+            let result = tokio::select! {
+                r = &mut apply => r,
+                // Stopping: give the batch in flight a moment to finish, else abandon it (its
+                // position was never checkpointed, so the next run reads it again).
+                _ = shutdown.cancelled() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut apply).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(collection = %self.name, changes = changes.len(), "stopping: the batch in flight is abandoned and will be read again from the checkpoint");
+                        return None;
+                    }
+                },
+            };
+            match result {
                 Ok(report) => {
                     if let Some(since) = outage {
                         tracing::info!(collection = %self.name, after_secs = since.elapsed().as_secs(), "staging is back; sync resumed");
@@ -584,6 +602,8 @@ impl CollectionSync {
                 }
             }
         };
+        // Dropping the receiver frees a reader blocked on a full channel (staging behind).
+        drop(rx);
         reader_stop.cancel();
         let _ = reader.await;
         if let Some(cp) = pending {

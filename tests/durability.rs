@@ -215,6 +215,40 @@ async fn sigterm_stops_run_with_exit_code_zero_within_ten_seconds() {
 }
 
 #[tokio::test]
+async fn sigterm_stops_run_promptly_even_when_staging_is_far_behind() {
+    let pair = Pair::start();
+    // A tiny write budget keeps staging behind, so the reader is blocked on a full queue.
+    let (path, config) = pair.config("max_writes_per_second = 50", ORDERS);
+    let mut run = RunProcess::start(&path, pair.dir.path(), &[]);
+    eventually("the stream to open", Duration::from_secs(60), || async {
+        checkpoint(&config)
+            .await
+            .map(|c| c.token.is_some())
+            .unwrap_or(false)
+    })
+    .await;
+    let prod = pair.prod().await.collection::<Document>("orders");
+    insert_range(&prod, 0, 5000, "burst").await;
+    let staging = pair.staging().await.collection::<Document>("orders");
+    eventually(
+        "staging to start receiving the burst",
+        Duration::from_secs(30),
+        || async { staging.count_documents(doc! {}).await.unwrap_or(0) > 0 },
+    )
+    .await;
+    let started = Instant::now();
+    let status = run
+        .terminate(Duration::from_secs(10))
+        .expect("exits within 10 s of SIGTERM although staging is behind");
+    assert!(status.success(), "{status:?}; log: {}", run.log_text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        staging.count_documents(doc! {}).await.unwrap() < 5000,
+        "staging was still behind"
+    );
+}
+
+#[tokio::test]
 async fn a_poison_change_is_dead_lettered_and_replayed_after_the_fix() {
     let pair = Pair::start();
     let guarded = |max: i32| {

@@ -380,39 +380,49 @@ impl<'r> Working<'r> {
     /// indexes right: claims the document gives up fall back to the next document holding them,
     /// exactly as a fresh lookup of the next batch would see it.
     fn update(&mut self, i: usize, change: impl FnOnce(Document) -> Option<Document>) {
-        let mut released_ids = Vec::new();
-        let mut released_keys = Vec::new();
-        self.by_prod_id.retain(|k, v| {
-            *v != i || {
-                released_ids.push(k.clone());
-                false
-            }
-        });
-        self.by_key.retain(|k, v| {
-            *v != i || {
-                released_keys.push(k.clone());
-                false
-            }
-        });
+        // Only the slot's current document put entries pointing at `i`: release those.
         let doc = self.slots[i]
             .current
             .take()
             .expect("updated slots are live");
+        let id = meta_of(&doc, &self.rules.meta_field)
+            .and_then(|m| m.get("id"))
+            .map(canonical);
+        let key = self.rules.key_of(&doc).ok().map(|k| k.canonical());
+        let mut released_ids: Vec<Vec<u8>> = id
+            .filter(|k| self.by_prod_id.get(k) == Some(&i))
+            .into_iter()
+            .collect();
+        let mut released_keys: Vec<Vec<u8>> = key
+            .filter(|k| self.by_key.get(k) == Some(&i))
+            .into_iter()
+            .collect();
+        for k in &released_ids {
+            self.by_prod_id.remove(k);
+        }
+        for k in &released_keys {
+            self.by_key.remove(k);
+        }
         self.slots[i].current = change(doc);
         self.index(i);
+        // Claims the document kept are settled; a claim it gave up falls back to another
+        // document holding it (rare: a key change or an adoption), found by one scan.
+        released_ids.retain(|k| !self.by_prod_id.contains_key(k));
+        released_keys.retain(|k| !self.by_key.contains_key(k));
+        if released_ids.is_empty() && released_keys.is_empty() {
+            return;
+        }
         for j in (0..self.slots.len()).filter(|&j| j != i) {
             let Some(d) = &self.slots[j].current else {
                 continue;
             };
             let claims_id = meta_of(d, &self.rules.meta_field)
                 .and_then(|m| m.get("id"))
-                .is_some_and(|id| {
-                    released_ids.contains(&canonical(id))
-                        && !self.by_prod_id.contains_key(&canonical(id))
-                });
-            let claims_key = self.rules.key_of(d).is_ok_and(|k| {
-                released_keys.contains(&k.canonical()) && !self.by_key.contains_key(&k.canonical())
-            });
+                .is_some_and(|id| released_ids.contains(&canonical(id)));
+            let claims_key = self
+                .rules
+                .key_of(d)
+                .is_ok_and(|k| released_keys.contains(&k.canonical()));
             if claims_id || claims_key {
                 self.index(j);
             }
