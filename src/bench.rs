@@ -90,6 +90,10 @@ pub struct BenchArgs {
     /// Do not profile the burst with `perf`, even when it is installed.
     #[arg(long)]
     pub no_profile: bool,
+    /// Run stagesync with five masking rules (three keyed hashes, a redaction, a nulling) to
+    /// measure what masking costs; the report then goes to docs/BENCHMARKS-masked.md.
+    #[arg(long)]
+    pub mask: bool,
 }
 
 /// The sizes of one run, flags over `--quick` over the defaults.
@@ -134,6 +138,7 @@ pub async fn command(args: BenchArgs) -> anyhow::Result<i32> {
     let sizes = Sizes::of(&args)?;
     let output = match (&args.output, args.quick) {
         (Some(p), _) => Some(p.clone()),
+        (None, false) if args.mask => Some(PathBuf::from("docs/BENCHMARKS-masked.md")),
         (None, false) => Some(PathBuf::from("docs/BENCHMARKS.md")),
         (None, true) => None,
     };
@@ -152,7 +157,11 @@ pub async fn command(args: BenchArgs) -> anyhow::Result<i32> {
         );
     }
 
-    let env = Env::start().await?;
+    let mut env = Env::start().await?;
+    env.masked = args.mask;
+    if env.masked {
+        println!("masking: stagesync runs with five rules (bucket, items.*.sku, items.*.qty hashed; total redacted; writtenAt nulled)");
+    }
     println!(
         "servers: {} ({}), production on port {}, staging on port {}",
         env.binary.display(),
@@ -333,7 +342,22 @@ struct Env {
     staging_server: LocalServer,
     prod: Client,
     staging: Client,
+    /// `--mask`: the product runs with [`MASK_RULES`].
+    masked: bool,
 }
+
+/// The five masking rules of `--mask` (fields the bench never queries staging by, so every
+/// check and probe works unchanged): three keyed hashes, a redaction and a nulling.
+const MASK_RULES: &str = r#"[collections.mask]
+bucket = "hash"
+"items.*.sku" = "hash"
+"items.*.qty" = "hash"
+total = "redact"
+writtenAt = "null"
+
+[masking]
+key = "bench-masking-key-0123456789abcdef"
+"#;
 
 impl Env {
     async fn start() -> anyhow::Result<Env> {
@@ -385,6 +409,7 @@ impl Env {
             staging_server,
             prod,
             staging,
+            masked: false,
         })
     }
 
@@ -844,9 +869,10 @@ checkpoint_interval = "1s"
 name = "{COLLECTION}"
 business_key = ["userEmail", "accountId"]
 deletes = "soft"
-"#,
+{mask}"#,
         prod = env.prod_server.uri(),
         staging = env.staging_server.uri(),
+        mask = if env.masked { MASK_RULES } else { "" },
     )
 }
 
