@@ -158,17 +158,4 @@ impl CheckpointStore {
         }
         Ok(())
     }
-
-    pub async fn delete(&self, stream: &str) -> anyhow::Result<()> {
-        let id = stream_id(&self.sync, stream);
-        match &self.backend {
-            Backend::Mongo(c) => {
-                c.delete_one(doc! { "_id": id }).await?;
-            }
-            Backend::Redis { conn, prefix } => {
-                let _: () = conn.clone().del(format!("{prefix}{id}")).await?;
-            }
-        }
-        Ok(())
-    }
 }

@@ -24,6 +24,17 @@ async fn checkpoint(config: &std::sync::Arc<stagesync::config::Config>) -> Optio
     ctx.checkpoints.load("orders").await.unwrap()
 }
 
+/// Polls until the stream of `orders` has opened (its checkpoint holds a resume token).
+async fn wait_until_streaming(config: &std::sync::Arc<stagesync::config::Config>) {
+    eventually("the stream to open", Duration::from_secs(60), || async {
+        checkpoint(config)
+            .await
+            .map(|c| c.token.is_some())
+            .unwrap_or(false)
+    })
+    .await;
+}
+
 async fn corrupt_checkpoint(config: &std::sync::Arc<stagesync::config::Config>) {
     let ctx = stagesync::engine::Context::connect(config.clone())
         .await
@@ -195,13 +206,7 @@ async fn sigterm_stops_run_with_exit_code_zero_within_ten_seconds() {
     let pair = Pair::start();
     let (path, config) = pair.config("", ORDERS);
     let mut run = RunProcess::start(&path, pair.dir.path(), &[]);
-    eventually("the stream to open", Duration::from_secs(30), || async {
-        checkpoint(&config)
-            .await
-            .map(|c| c.token.is_some())
-            .unwrap_or(false)
-    })
-    .await;
+    wait_until_streaming(&config).await;
     let started = Instant::now();
     let status = run
         .terminate(Duration::from_secs(10))
@@ -220,13 +225,7 @@ async fn sigterm_stops_run_promptly_even_when_staging_is_far_behind() {
     // A tiny write budget keeps staging behind, so the reader is blocked on a full queue.
     let (path, config) = pair.config("max_writes_per_second = 50", ORDERS);
     let mut run = RunProcess::start(&path, pair.dir.path(), &[]);
-    eventually("the stream to open", Duration::from_secs(60), || async {
-        checkpoint(&config)
-            .await
-            .map(|c| c.token.is_some())
-            .unwrap_or(false)
-    })
-    .await;
+    wait_until_streaming(&config).await;
     let prod = pair.prod().await.collection::<Document>("orders");
     insert_range(&prod, 0, 5000, "burst").await;
     let staging = pair.staging().await.collection::<Document>("orders");
@@ -396,13 +395,7 @@ async fn outage_test(stop_production: bool) {
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
     let mut run = RunProcess::start(&path, pair.dir.path(), &[]);
-    eventually("the stream to open", Duration::from_secs(30), || async {
-        checkpoint(&config)
-            .await
-            .map(|c| c.token.is_some())
-            .unwrap_or(false)
-    })
-    .await;
+    wait_until_streaming(&config).await;
     insert_range(&prod, 0, 200, "before").await;
     eventually("the first 200", Duration::from_secs(30), || async {
         staging.count_documents(doc! {}).await.unwrap_or(0) == 200
