@@ -434,3 +434,67 @@ async fn mask_preview_shows_shortened_raw_values_next_to_masked_ones() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_new_masking_key_re_keys_staging_in_place_on_the_next_snapshot() {
+    let pair = Pair::start();
+    let users = pair.prod().await.collection::<Document>("users");
+    for i in 0..20 {
+        users
+            .insert_one(doc! { "_id": i, "userEmail": format!("p{i}@corp.example") })
+            .await
+            .unwrap();
+    }
+    let snapshot_with = |key: &str| {
+        let path = pair.dir.path().join("rekey.toml");
+        std::fs::write(
+            &path,
+            pair.config_text("", &format!("{}{}", masking(key), collections())),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_stagesync"))
+            .args(["snapshot", "--collection", "users", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    snapshot_with(KEY);
+    let staging = pair.staging().await.collection::<Document>("users");
+    staging
+        .update_many(doc! {}, doc! { "$set": { "qaNote": "kept" } })
+        .await
+        .unwrap();
+    let before: Vec<Document> = staging
+        .find(doc! {})
+        .sort(doc! { "_sync.id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    snapshot_with("a-brand-new-masking-key-0987654321");
+    let after: Vec<Document> = staging
+        .find(doc! {})
+        .sort(doc! { "_sync.id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 20, "re-keyed in place: no new documents");
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a.get("_id"), b.get("_id"), "the same staging document");
+        assert_ne!(
+            a.get("userEmail"),
+            b.get("userEmail"),
+            "masked with the new key"
+        );
+        assert_eq!(a.get_str("qaNote").unwrap(), "kept");
+        assert!(!a.contains_key("deleted"));
+    }
+}
