@@ -164,9 +164,20 @@ impl Metrics {
                 };
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let mut buf = [0u8; 2048];
-                    let n = sock.read(&mut buf).await.unwrap_or(0);
-                    let request = String::from_utf8_lossy(&buf[..n]);
+                    // Read the whole request head: a client may send it in several pieces.
+                    let mut buf = Vec::with_capacity(1024);
+                    let mut chunk = [0u8; 1024];
+                    let read_head = async {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                    };
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_secs(5), read_head).await;
+                    let request = String::from_utf8_lossy(&buf);
                     let path = request.split_whitespace().nth(1).unwrap_or("/");
                     let (status, ctype, body) = match path {
                         "/metrics" => ("200 OK", "text/plain; version=0.0.4", me.render()),

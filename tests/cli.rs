@@ -153,8 +153,11 @@ fn http_get(port: u16, path: &str) -> String {
 async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
     let pair = Pair::start();
     let (path, config) = pair.config("", ORDERS);
-    // Port 0: the OS picks a free port and the log line says which (no race with other tests).
-    let mut run = RunProcess::start(&path, pair.dir.path(), &["--metrics-addr", "127.0.0.1:0"]);
+    // `write!` below sends the request in several pieces: the server must read the whole head
+    // (it once answered the first piece and closed, and this test failed with a broken pipe).
+    let port = stagesync::localserver::free_port().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let mut run = RunProcess::start(&path, pair.dir.path(), &["--metrics-addr", &addr]);
     let ctx = stagesync::engine::Context::connect(config).await.unwrap();
     eventually("the stream to open", Duration::from_secs(30), || async {
         ctx.checkpoints
@@ -165,13 +168,11 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
             .unwrap_or(false)
     })
     .await;
-    let port: u16 = run
-        .log_text()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["message"] == "serving /metrics and /healthz")
-        .and_then(|l| l["addr"].as_str()?.rsplit(':').next()?.parse().ok())
-        .expect("run logs the metrics address");
+    let logged = run.log_text();
+    assert!(
+        logged.contains("serving /metrics and /healthz") && logged.contains(&addr),
+        "{logged}"
+    );
     let prod = pair.prod().await.collection::<Document>("orders");
     prod.insert_one(doc! { "userEmail": "a@x.org", "accountId": 1 })
         .await
