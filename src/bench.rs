@@ -2300,30 +2300,16 @@ fn ms(v: Option<f64>) -> String {
 }
 
 fn text_table(rows: &[Row]) -> String {
-    let w_item = rows
-        .iter()
-        .map(|r| r.item.chars().count())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let w_what = rows
-        .iter()
-        .map(|r| r.what.chars().count())
-        .max()
-        .unwrap_or(4)
-        .max(11);
-    let w_value = rows
-        .iter()
-        .map(|r| r.value.chars().count())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    let w_target = rows
-        .iter()
-        .map(|r| r.target.chars().count())
-        .max()
-        .unwrap_or(6)
-        .max(6);
+    // Each column is as wide as its widest cell, and at least its header.
+    let width = |cell: fn(&Row) -> &str, min: usize| {
+        rows.iter()
+            .map(|r| cell(r).chars().count())
+            .fold(min, usize::max)
+    };
+    let w_item = width(|r| r.item, 1);
+    let w_what = width(|r| &r.what, 11);
+    let w_value = width(|r| &r.value, 5);
+    let w_target = width(|r| &r.target, 6);
     let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(s.chars().count())));
     let mut out = String::new();
     let _ = writeln!(
