@@ -1,4 +1,4 @@
-//! `stagesync demo`: the README's first command, end to end on local servers.
+//! `cargo xtask demo`: the README's first command, end to end on local servers.
 //!
 //! Starts a production and a staging server, seeds both (staging already holds some of the same
 //! customers under its own `_id`s, with QA notes), runs `stagesync run` as a child process, makes
@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::{Client, Collection};
 
-use crate::localserver::{server_binary, LocalServer};
+use stagesync_testkit::{server_binary, LocalServer};
 
 const CONFIG: &str = r#"
 [source]
@@ -33,7 +33,7 @@ preserve = ["qaNote", "experiments.*"]
 deletes = "soft"
 "#;
 
-pub async fn command() -> anyhow::Result<()> {
+pub async fn command(exe: std::path::PathBuf) -> anyhow::Result<()> {
     let binary = server_binary(true)?;
     println!(
         "starting production and staging servers ({})",
@@ -71,7 +71,7 @@ pub async fn command() -> anyhow::Result<()> {
     let config_path = dir.path().join("stagesync.toml");
     std::fs::write(&config_path, CONFIG)?;
     let log_path = dir.path().join("stagesync.log");
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(&exe)
         .args(["run", "-c"])
         .arg(&config_path)
         .args(["--log-format", "text"])

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{eventually, staging_doc_where, Pair, RunProcess, ORDERS};
 use mongodb::bson::{doc, Document};
-use stagesync::localserver::{server_binary, LocalServer};
+use stagesync_testkit::{server_binary, LocalServer};
 
 fn stagesync(args: &[&str], config: Option<&std::path::Path>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stagesync"));
@@ -155,7 +155,7 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
     let (path, config) = pair.config("", ORDERS);
     // `write!` below sends the request in several pieces: the server must read the whole head
     // (it once answered the first piece and closed, and this test failed with a broken pipe).
-    let port = stagesync::localserver::free_port().unwrap();
+    let port = stagesync_testkit::free_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let mut run = RunProcess::start(&path, pair.dir.path(), &["--metrics-addr", &addr]);
     let ctx = stagesync::engine::Context::connect(config).await.unwrap();

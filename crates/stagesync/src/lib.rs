@@ -7,14 +7,11 @@
 //! stream, [`verify`] compares both sides, and [`cli`] is the command line on top.
 
 pub mod apply;
-pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod deadletter;
-pub mod demo;
 pub mod engine;
-pub mod localserver;
 pub mod metrics;
 pub mod plan;
 pub mod replay;

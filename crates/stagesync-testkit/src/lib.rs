@@ -1,4 +1,9 @@
-//! Local MongoDB-compatible servers for the demo, the benchmark and the tests.
+//! Real server processes for stagesync's tests, benchmark and demo — never a mock.
+//!
+//! [`LocalServer`] is a MongoDB-compatible server, [`RedisServer`] a `redis-server`; both run on
+//! free loopback ports with private storage and are killed when dropped (also when a test
+//! panics). This crate is a dev-dependency of the product and a dependency of `xtask`; nothing
+//! here is compiled into the `stagesync` binary users run.
 //!
 //! There is no `mongod` in the package registries this project can reach, so by default the
 //! servers are SecantusDB (a separate GPL program, started as a process — never linked):
@@ -13,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-/// Where `.tools/` lives: `STAGESYNC_TOOLS_DIR`, else the checkout this was built from.
+/// Where `.tools/` lives: `STAGESYNC_TOOLS_DIR`, else the root of the checkout this was built
+/// from (`scripts/setup.sh` installs the servers there).
 pub fn tools_dir() -> PathBuf {
     std::env::var_os("STAGESYNC_TOOLS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools"))
 }
 
 /// Which server binary to run. `native` prefers the faster `secantusd-rs` when it is installed.
@@ -257,4 +263,63 @@ fn ping(port: u16) -> bool {
                 .unwrap_or_else(|_| d.get_i32("ok") == Ok(1))
         })
         .unwrap_or(false)
+}
+
+/// A `redis-server` process on a free port (Debian's `redis-server`), killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` without persistence and waits until it answers `PING`.
+    pub fn start() -> anyhow::Result<RedisServer> {
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server; install it with `bash scripts/setup.sh` (apt-get install redis-server)")?;
+        let mut server = RedisServer { port, child };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
+                {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("redis-server exited with {status} before answering PING");
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server did not answer PING within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -109,10 +109,6 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         limit: i64,
     },
-    /// Measure stagesync against the servers' raw limits on a local pair of servers.
-    Bench(crate::bench::BenchArgs),
-    /// Start local production and staging servers, sync sample data and show it live.
-    Demo,
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,8 +246,6 @@ async fn dispatch(command: Command) -> Result<i32, Exit> {
             collection,
             limit,
         } => mask_preview(load_config(&config)?, &collection, limit).await,
-        Command::Bench(args) => crate::bench::command(args).await.map_err(Exit::from),
-        Command::Demo => crate::demo::command().await.map(|()| 0).map_err(Exit::from),
     }
 }
 

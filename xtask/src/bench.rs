@@ -1,4 +1,4 @@
-//! `stagesync bench`: measures stagesync next to the servers' own raw limits, in one run.
+//! `cargo xtask bench`: measures stagesync next to the servers' own raw limits, in one run.
 //!
 //! One pair of local servers (production and staging) serves every measurement, so the figures
 //! compare like with like:
@@ -33,8 +33,8 @@ use mongodb::{Client, Collection, IndexModel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::localserver::{free_port, server_binary, LocalServer};
+use stagesync::config::Config;
+use stagesync_testkit::{free_port, server_binary, LocalServer};
 
 /// Steady-state load, in changes per second.
 const STEADY_RATE: u64 = 2000;
@@ -139,7 +139,7 @@ impl Sizes {
     }
 }
 
-pub async fn command(args: BenchArgs) -> anyhow::Result<i32> {
+pub async fn command(args: BenchArgs, exe: PathBuf) -> anyhow::Result<i32> {
     let sizes = Sizes::of(&args)?;
     let output = match (&args.output, args.quick) {
         (Some(p), _) => Some(p.clone()),
@@ -162,7 +162,7 @@ pub async fn command(args: BenchArgs) -> anyhow::Result<i32> {
         );
     }
 
-    let mut env = Env::start().await?;
+    let mut env = Env::start(exe).await?;
     if let Some(n) = args.snapshot {
         let output = args
             .output
@@ -480,7 +480,7 @@ key = "bench-masking-key-0123456789abcdef"
 "#;
 
 impl Env {
-    async fn start() -> anyhow::Result<Env> {
+    async fn start(exe: PathBuf) -> anyhow::Result<Env> {
         let binary = server_binary(true)?;
         let mut server_args: Vec<String> = vec!["--oplog-max-entries".into(), "2000000".into()];
         let native = binary
@@ -521,7 +521,7 @@ impl Env {
             dir: tempfile::Builder::new()
                 .prefix("stagesync-bench-")
                 .tempdir()?,
-            exe: std::env::current_exe().context("finding the stagesync executable")?,
+            exe,
             binary,
             server_args,
             server_version,
@@ -739,9 +739,9 @@ async fn stagesync_indexes(env: &Env, db: &mongodb::Database) -> anyhow::Result<
         .collections
         .first()
         .context("the bench's config has no collection")?;
-    let rules = crate::plan::Rules::new(&config.sync, collection);
-    crate::apply::ensure_indexes(db, COLLECTION, &rules).await?;
-    Ok(crate::apply::index_specs(&rules)
+    let rules = stagesync::plan::Rules::new(&config.sync, collection);
+    stagesync::apply::ensure_indexes(db, COLLECTION, &rules).await?;
+    Ok(stagesync::apply::index_specs(&rules)
         .iter()
         .filter_map(|s| s.get_str("name").ok().map(String::from))
         .collect())
@@ -1055,7 +1055,7 @@ impl Product {
 
     /// Waits until the collection's stream is open: its checkpoint has a resume token.
     async fn wait_streaming(&mut self) -> anyhow::Result<()> {
-        let ctx = crate::engine::Context::connect(self.config.clone()).await?;
+        let ctx = stagesync::engine::Context::connect(self.config.clone()).await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             self.ensure_alive()?;

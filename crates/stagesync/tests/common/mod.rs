@@ -15,7 +15,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use mongodb::{Client, Collection, Database};
 use stagesync::config::Config;
-use stagesync::localserver::{server_binary, LocalServer};
+use stagesync_testkit::{server_binary, LocalServer};
 use tokio_util::sync::CancellationToken;
 
 pub struct Pair {
@@ -245,52 +245,16 @@ pub async fn staging_doc_where(
     }
 }
 
-/// A `redis-server` process on a free port (Debian's `redis-server`), killed on drop.
-pub struct RedisServer {
-    pub port: u16,
-    child: std::process::Child,
-}
+/// A `redis-server` process from the testkit; panics (failing the test) when it cannot start.
+pub struct RedisServer(pub stagesync_testkit::RedisServer);
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = stagesync::localserver::free_port().unwrap();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); install it with `bash scripts/setup.sh` (apt-get install redis-server)"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                use std::io::{Read, Write};
-                let mut buf = [0u8; 16];
-                if s.write_all(b"PING\r\n").is_ok()
-                    && s.read(&mut buf)
-                        .map(|n| buf[..n].starts_with(b"+PONG"))
-                        .unwrap_or(false)
-                {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        RedisServer { port, child }
+        RedisServer(stagesync_testkit::RedisServer::start().unwrap_or_else(|e| panic!("{e:#}")))
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.url()
     }
 }
 
