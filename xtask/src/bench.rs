@@ -1055,7 +1055,7 @@ impl Product {
 
     /// Waits until the collection's stream is open: its checkpoint has a resume token.
     async fn wait_streaming(&mut self) -> anyhow::Result<()> {
-        let ctx = stagesync::engine::Context::connect(self.config.clone()).await?;
+        let ctx = stagesync::context::Context::connect(self.config.clone()).await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             self.ensure_alive()?;

@@ -17,7 +17,10 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "xtask", about = "stagesync's developer tasks: the benchmark and the demo")]
+#[command(
+    name = "xtask",
+    about = "stagesync's developer tasks: the benchmark and the demo"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -73,7 +76,15 @@ fn product_binary() -> anyhow::Result<PathBuf> {
         .to_path_buf();
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut build = Command::new(cargo);
-        build.args(["build", "--locked", "-q", "-p", "stagesync", "--bin", "stagesync"]);
+        build.args([
+            "build",
+            "--locked",
+            "-q",
+            "-p",
+            "stagesync",
+            "--bin",
+            "stagesync",
+        ]);
         if dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }

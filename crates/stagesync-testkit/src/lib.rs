@@ -293,7 +293,9 @@ impl RedisServer {
                 use std::io::{Read, Write};
                 let mut buf = [0u8; 16];
                 if s.write_all(b"PING\r\n").is_ok()
-                    && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
+                    && s.read(&mut buf)
+                        .map(|n| buf[..n].starts_with(b"+PONG"))
+                        .unwrap_or(false)
                 {
                     return Ok(());
                 }

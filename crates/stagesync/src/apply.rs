@@ -14,6 +14,7 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::Database;
 
 use crate::config::WriteConcernSetting;
+use crate::error::{MongoContext, Result, SyncError};
 use crate::plan::{PlannedWrite, Rules, WriteOp};
 use crate::retry::DUPLICATE_KEY;
 
@@ -69,10 +70,10 @@ impl Applier {
 
     /// Writes everything; one result per write, in order. `Err` only for failures of the whole
     /// request (network, staging down, write concern not satisfied): the caller retries the batch.
-    pub async fn apply(&self, writes: &[PlannedWrite]) -> mongodb::error::Result<Vec<WriteResult>> {
+    pub async fn apply(&self, writes: &[PlannedWrite]) -> Result<Vec<WriteResult>> {
         let chunks = self.chunks(writes);
         let mut results = vec![WriteResult::Done; writes.len()];
-        let outcomes: Vec<mongodb::error::Result<Vec<(usize, WriteResult)>>> = stream::iter(chunks)
+        let outcomes: Vec<Result<Vec<(usize, WriteResult)>>> = stream::iter(chunks)
             .map(|chunk| self.run_chunk(writes, chunk))
             .buffer_unordered(self.concurrency)
             .collect()
@@ -128,7 +129,7 @@ impl Applier {
         &self,
         writes: &[PlannedWrite],
         chunk: Vec<usize>,
-    ) -> mongodb::error::Result<Vec<(usize, WriteResult)>> {
+    ) -> Result<Vec<(usize, WriteResult)>> {
         if let Some(l) = &self.limiter {
             if let Some(n) = NonZeroU32::new(chunk.len() as u32) {
                 // `until_n_ready` only fails when n exceeds the burst, which chunking prevents.
@@ -166,14 +167,17 @@ impl Applier {
         let mut command = command;
         command.insert("ordered", false);
         command.insert("writeConcern", self.write_concern.clone());
-        let reply = self.db.run_command(command).await?;
+        let reply = self
+            .db
+            .run_command(command)
+            .await
+            .with_context(|| format!("writing to staging.{}", self.collection))?;
         if let Ok(wce) = reply.get_document("writeConcernError") {
             // The writes happened but are not yet durable as asked: retry the batch (replays
             // are no-ops thanks to the order rule).
-            return Err(crate::retry::transient_error(format!(
-                "staging did not satisfy the write concern: {}",
-                wce.get_str("errmsg").unwrap_or("")
-            )));
+            return Err(SyncError::WriteConcern(
+                wce.get_str("errmsg").unwrap_or("").to_string(),
+            ));
         }
         let mut out: Vec<(usize, WriteResult)> =
             chunk.iter().map(|&i| (i, WriteResult::Done)).collect();
@@ -272,7 +276,7 @@ pub fn index_specs(rules: &Rules) -> Vec<Document> {
 
 /// Creates the indexes if missing; never drops anything. An equivalent index under another
 /// name is accepted as it is.
-pub async fn ensure_indexes(db: &Database, collection: &str, rules: &Rules) -> anyhow::Result<()> {
+pub async fn ensure_indexes(db: &Database, collection: &str, rules: &Rules) -> Result<()> {
     for spec in index_specs(rules) {
         let name = spec.get_str("name").unwrap_or("").to_string();
         let result = db
@@ -284,14 +288,24 @@ pub async fn ensure_indexes(db: &Database, collection: &str, rules: &Rules) -> a
                 Some(85) | Some(86) => {
                     tracing::info!(collection, index = %name, "an equivalent index already exists; keeping it");
                 }
-                Some(DUPLICATE_KEY) => anyhow::bail!(
+                Some(DUPLICATE_KEY) => return Err(SyncError::Staging(format!(
                     "cannot create the unique business-key index on staging collection `{collection}`: \
                      it already holds documents with the same business key. Find them with \
                      `stagesync verify`, merge or remove the duplicates, then start again"
-                ),
-                _ => return Err(anyhow::Error::new(e).context(format!("creating index {name} on staging collection `{collection}`"))),
+                ))),
+                _ => return Err(SyncError::mongo(format!("creating index {name} on staging collection `{collection}`"), e)),
             },
         }
     }
     Ok(())
+}
+
+/// The key documents of the indexes a staging collection has; `None` when it does not exist
+/// (or cannot be read).
+pub async fn existing_index_keys(db: &Database, collection: &str) -> Option<Vec<Document>> {
+    use futures::TryStreamExt;
+    let coll = db.collection::<Document>(collection);
+    let indexes: Vec<mongodb::IndexModel> =
+        coll.list_indexes().await.ok()?.try_collect().await.ok()?;
+    Some(indexes.into_iter().map(|i| i.keys).collect())
 }

@@ -9,9 +9,13 @@ use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::options::ReplaceOptions;
 use mongodb::{Collection, Database};
+#[cfg(feature = "redis")]
 use redis::AsyncCommands;
+#[cfg(feature = "redis")]
+use std::sync::Arc;
 
 use crate::config::{CheckpointStoreKind, Config};
+use crate::error::{MongoContext, Result, SyncError};
 
 /// The saved position of one stream.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -81,10 +85,43 @@ fn stream_id(sync: &str, stream: &str) -> String {
 #[derive(Clone)]
 enum Backend {
     Mongo(Collection<Document>),
-    Redis {
-        conn: redis::aio::MultiplexedConnection,
-        prefix: String,
-    },
+    #[cfg(feature = "redis")]
+    Redis(RedisBackend),
+}
+
+/// Redis, connected on first use and reconnected by the driver's `ConnectionManager` after the
+/// server restarts; callers retry failed operations with the one retry policy.
+#[cfg(feature = "redis")]
+#[derive(Clone)]
+struct RedisBackend {
+    client: redis::Client,
+    conn: Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>,
+    prefix: String,
+}
+
+#[cfg(feature = "redis")]
+impl RedisBackend {
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(std::time::Duration::from_secs(5))
+            .set_response_timeout(std::time::Duration::from_secs(5))
+            .set_number_of_retries(2);
+        self.conn
+            .get_or_try_init(|| {
+                redis::aio::ConnectionManager::new_with_config(self.client.clone(), config)
+            })
+            .await
+            .cloned()
+            .map_err(|e| redis_error("connecting to the Redis checkpoint store", e))
+    }
+}
+
+#[cfg(feature = "redis")]
+fn redis_error(what: &str, source: redis::RedisError) -> SyncError {
+    SyncError::Redis {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// Checkpoints of one sync, in MongoDB (the target's metadata database) or Redis.
@@ -95,42 +132,84 @@ pub struct CheckpointStore {
 }
 
 impl CheckpointStore {
-    pub async fn open(config: &Config, metadata: &Database) -> anyhow::Result<CheckpointStore> {
+    /// The configured store. Nothing is contacted yet; a malformed Redis URL is refused here.
+    pub fn open(config: &Config, metadata: &Database) -> Result<CheckpointStore> {
         let sync = config.sync.name.clone();
         let backend = match config.checkpoint.store {
             CheckpointStoreKind::Mongodb => Backend::Mongo(metadata.collection("checkpoints")),
+            #[cfg(feature = "redis")]
             CheckpointStoreKind::Redis => {
                 let url = config.checkpoint.url.as_deref().unwrap_or_default();
-                let client = redis::Client::open(url).map_err(|e| {
-                    anyhow::anyhow!("`checkpoint.url` is not a usable Redis URL: {e}")
+                let client = redis::Client::open(url).map_err(|e| SyncError::InvalidSetting {
+                    key: "checkpoint.url".into(),
+                    detail: format!("not a usable Redis URL: {e}"),
                 })?;
-                let conn = client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot reach the Redis checkpoint store: {e}"))?;
-                Backend::Redis {
-                    conn,
+                Backend::Redis(RedisBackend {
+                    client,
+                    conn: Arc::default(),
                     prefix: "stagesync:checkpoint:".into(),
-                }
+                })
+            }
+            #[cfg(not(feature = "redis"))]
+            CheckpointStoreKind::Redis => {
+                return Err(SyncError::InvalidSetting {
+                    key: "checkpoint.store".into(),
+                    detail:
+                        "this stagesync was built without Redis support (cargo feature `redis`); \
+                             use store = \"mongodb\" or a build with the feature"
+                            .into(),
+                })
             }
         };
         Ok(CheckpointStore { sync, backend })
     }
 
-    pub async fn load(&self, stream: &str) -> anyhow::Result<Option<Checkpoint>> {
+    /// Answers when the store can be reached.
+    pub async fn ping(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Mongo(c) => c
+                .find_one(doc! { "_id": "" })
+                .await
+                .map(|_| ())
+                .context("reading the checkpoint store"),
+            #[cfg(feature = "redis")]
+            Backend::Redis(r) => {
+                let mut conn = r.connection().await?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| redis_error("pinging the Redis checkpoint store", e))
+            }
+        }
+    }
+
+    pub async fn load(&self, stream: &str) -> Result<Option<Checkpoint>> {
         let id = stream_id(&self.sync, stream);
         match &self.backend {
             Backend::Mongo(c) => Ok(c
                 .find_one(doc! { "_id": &id })
-                .await?
+                .await
+                .with_context(|| format!("reading the checkpoint of `{stream}`"))?
                 .map(|d| Checkpoint::from_document(&d))),
-            Backend::Redis { conn, prefix } => {
-                let bytes: Option<Vec<u8>> = conn.clone().get(format!("{prefix}{id}")).await?;
+            #[cfg(feature = "redis")]
+            Backend::Redis(r) => {
+                let key = format!("{}{id}", r.prefix);
+                let bytes: Option<Vec<u8>> =
+                    r.connection().await?.get(&key).await.map_err(|e| {
+                        redis_error(
+                            &format!("reading the checkpoint of `{stream}` from Redis"),
+                            e,
+                        )
+                    })?;
                 match bytes {
                     None => Ok(None),
                     Some(b) => {
                         let d = Document::from_reader(&mut b.as_slice()).map_err(|e| {
-                            anyhow::anyhow!("the checkpoint of `{stream}` in Redis is not BSON ({e}); delete key {prefix}{id} to start over")
+                            SyncError::Corrupt {
+                                what: format!("the checkpoint of `{stream}` in Redis"),
+                                detail: format!("not BSON ({e}); delete key {key} to start over"),
+                            }
                         })?;
                         Ok(Some(Checkpoint::from_document(&d)))
                     }
@@ -139,21 +218,31 @@ impl CheckpointStore {
         }
     }
 
-    pub async fn save(&self, stream: &str, cp: &Checkpoint) -> anyhow::Result<()> {
+    pub async fn save(&self, stream: &str, cp: &Checkpoint) -> Result<()> {
         let d = cp.to_document(&self.sync, stream);
+        let id = stream_id(&self.sync, stream);
         match &self.backend {
             Backend::Mongo(c) => {
-                c.replace_one(doc! { "_id": d.get_str("_id")? }, &d)
+                c.replace_one(doc! { "_id": &id }, &d)
                     .with_options(ReplaceOptions::builder().upsert(true).build())
-                    .await?;
+                    .await
+                    .with_context(|| format!("saving the checkpoint of `{stream}`"))?;
             }
-            Backend::Redis { conn, prefix } => {
+            #[cfg(feature = "redis")]
+            Backend::Redis(r) => {
                 let mut bytes = Vec::new();
-                d.to_writer(&mut bytes)?;
-                let _: () = conn
-                    .clone()
-                    .set(format!("{prefix}{}", stream_id(&self.sync, stream)), bytes)
-                    .await?;
+                d.to_writer(&mut bytes).map_err(|e| SyncError::Corrupt {
+                    what: format!("the checkpoint of `{stream}`"),
+                    detail: e.to_string(),
+                })?;
+                let _: () = r
+                    .connection()
+                    .await?
+                    .set(format!("{}{id}", r.prefix), bytes)
+                    .await
+                    .map_err(|e| {
+                        redis_error(&format!("saving the checkpoint of `{stream}` to Redis"), e)
+                    })?;
             }
         }
         Ok(())

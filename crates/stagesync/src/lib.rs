@@ -1,22 +1,34 @@
 //! stagesync keeps a staging MongoDB in sync with production through change streams.
 //!
-//! The modules follow the data: [`config`] → [`source`] (change streams, snapshot reads) →
-//! [`transform`] (masking) → [`plan`] (business-key matching, merge, coalescing — pure, no I/O)
-//! → [`apply`] (bulk writes to staging) → [`checkpoint`] / [`deadletter`] stores → [`metrics`].
-//! [`engine`] wires them per collection, [`snapshot`] copies a collection and hands off to the
-//! stream, [`verify`] compares both sides, and [`cli`] is the command line on top.
+//! The modules follow the data (docs/ARCHITECTURE.md is the map):
+//!
+//! - [`config`] — the TOML file, validated once at start-up;
+//! - [`source`] (change streams, snapshot scans) → [`transform`] (masking) → [`plan`]
+//!   (business-key matching, merge, coalescing — pure, no I/O) → [`apply`] (bulk writes to
+//!   staging) → [`checkpoint`] / [`deadletter`]: the stages, wired for one collection by
+//!   [`pipeline`];
+//! - [`engine`] runs each collection's pipeline (snapshot or stream, history lost), [`snapshot`]
+//!   copies a collection and hands off to the stream, [`verify`] and [`replay`] reuse the
+//!   pipeline's merge path;
+//! - [`context`] holds the connections, [`error`] the one error type, [`retry`] the one retry
+//!   policy, [`metrics`] and [`status`] what an operator sees; [`cli`] is the command line on
+//!   top (the only module using `anyhow`).
 
 pub mod apply;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod deadletter;
 pub mod engine;
+pub mod error;
 pub mod metrics;
+pub mod pipeline;
 pub mod plan;
 pub mod replay;
 pub mod retry;
 pub mod snapshot;
 pub mod source;
+pub mod status;
 pub mod transform;
 pub mod verify;

@@ -3,53 +3,62 @@
 
 use mongodb::bson::{doc, oid::ObjectId, DateTime};
 
-use crate::cli::Exit;
-use crate::engine::{Context, Origin};
+use crate::context::Context;
+use crate::error::{MongoContext, Result, SyncError};
+use crate::pipeline::Origin;
 use crate::plan::Outcome;
 use crate::source::change::{Change, Op};
 
-/// Returns (applied, still failing).
-pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<(usize, usize), Exit> {
-    let (mut applied, mut failing) = (0, 0);
+/// What a replay did: how many entries applied, and why each of the others still fails.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    pub applied: usize,
+    /// (dead-letter id, why it is still failing)
+    pub failing: Vec<(ObjectId, String)>,
+}
+
+/// Replays the given dead letters. An id with no dead letter is an error (nothing replayed
+/// after it).
+pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<ReplayReport> {
+    let mut report = ReplayReport::default();
     for &id in ids {
-        let Some(entry) = ctx
+        let entry = ctx
             .dead_letters
             .get(id)
             .await
-            .map_err(|e| Exit::failed(e.to_string()))?
-        else {
-            return Err(Exit::failed(format!(
-                "no dead letter with id {}",
-                id.to_hex()
-            )));
-        };
+            .context("reading the dead-letter queue")?
+            .ok_or_else(|| SyncError::Corrupt {
+                what: format!("dead letter {}", id.to_hex()),
+                detail: "no such entry (list them with `stagesync dlq list`)".into(),
+            })?;
         let collection = entry.get_str("collection").unwrap_or_default().to_string();
         let Some(config) = ctx.config.collection(&collection) else {
-            eprintln!(
-                "dead letter {}: collection `{collection}` is no longer configured; left as it is",
-                id.to_hex()
-            );
-            failing += 1;
+            report.failing.push((
+                id,
+                format!("collection `{collection}` is no longer configured; left as it is"),
+            ));
             continue;
         };
         let Some(prod_id) = entry.get("productionId").cloned() else {
-            failing += 1;
+            report
+                .failing
+                .push((id, "the entry has no production _id".into()));
             continue;
         };
-        let cs = ctx.collection_sync(config);
+        let pipeline = ctx.pipeline(config);
         // The read time is taken before the read, so the document is at least as new as it and
         // later stream changes (newer than it) still apply on top.
         let read_time = ctx.production_time().await?;
-        let current = cs
+        let current = pipeline
             .source
             .find_one(doc! { "_id": prod_id.clone() })
             .await
-            .map_err(|e| Exit::failed(format!("reading production.{collection}: {e}")))?;
-        let change = match current {
-            Some(mut d) => {
-                cs.masker.mask_document(&mut d);
-                Change::from_snapshot(d, read_time, DateTime::now()).expect("has _id")
-            }
+            .with_context(|| format!("reading production.{collection}"))?;
+        let change = match current.and_then(|mut d| {
+            pipeline.masker.mask_document(&mut d);
+            Change::from_snapshot(d, read_time, DateTime::now())
+        }) {
+            Some(c) => c,
             None => Change {
                 op: Op::Delete,
                 prod_id: prod_id.clone(),
@@ -60,32 +69,27 @@ pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<(usize, usize), E
                 wall_time: Some(DateTime::now()),
             },
         };
-        let report = cs
+        let applied = pipeline
             .apply_changes(std::slice::from_ref(&change), Origin::Replay)
-            .await
-            .map_err(|e| Exit::failed(format!("applying to staging.{}: {e}", cs.target)))?;
-        match &report.outcomes[0] {
+            .await?;
+        match &applied.outcomes[0] {
             Outcome::Failed(f) => {
-                eprintln!(
-                    "dead letter {}: still failing: {} ({})",
-                    id.to_hex(),
-                    f.message,
-                    f.code
-                );
                 ctx.dead_letters
                     .touch(id, f)
                     .await
-                    .map_err(|e| Exit::failed(e.to_string()))?;
-                failing += 1;
+                    .context("updating the dead-letter queue")?;
+                report
+                    .failing
+                    .push((id, format!("{} ({})", f.message, f.code)));
             }
             _ => {
                 ctx.dead_letters
                     .remove(id)
                     .await
-                    .map_err(|e| Exit::failed(e.to_string()))?;
-                applied += 1;
+                    .context("updating the dead-letter queue")?;
+                report.applied += 1;
             }
         }
     }
-    Ok((applied, failing))
+    Ok(report)
 }

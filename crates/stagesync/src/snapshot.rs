@@ -16,31 +16,30 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
-use mongodb::options::FindOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Checkpoint;
-use crate::engine::{CollectionSync, Origin};
+use crate::error::{MongoContext, Result};
+use crate::pipeline::{Origin, Pipeline};
 use crate::source::change::{Change, Op};
+use crate::source::scan;
 
 /// Copies one collection. Returns the operation time the change stream must start at, or `None`
 /// when stopped part-way (progress is saved; the next run continues).
 pub async fn snapshot_collection(
-    cs: &CollectionSync,
+    cs: &Pipeline,
     shutdown: &CancellationToken,
     prune: bool,
-) -> anyhow::Result<Option<Timestamp>> {
-    let _slot = cs.context().snapshot_slots.clone().acquire_owned().await?;
-    let previous = cs
-        .context()
-        .checkpoints
-        .load(&cs.name)
-        .await?
-        .unwrap_or_default();
+) -> Result<Option<Timestamp>> {
+    // The semaphore is never closed, so acquiring only waits for a free slot.
+    let _slot = cs.context().snapshot_slots.clone().acquire_owned().await;
+    let Some(previous) = cs.load_checkpoint(shutdown).await? else {
+        return Ok(None);
+    };
     let (read_time, mut last_id, mut copied) = match previous.snapshot.as_ref() {
         Some(s) if s.get_timestamp("readTime").is_ok() => (
-            s.get_timestamp("readTime")?,
+            s.get_timestamp("readTime").expect("checked"),
             s.get("lastId").cloned().filter(|v| *v != Bson::Null),
             s.get_i64("copied").unwrap_or(0) as u64,
         ),
@@ -53,11 +52,13 @@ pub async fn snapshot_collection(
     let total = cs.source.estimated_document_count().await.unwrap_or(0);
     let progress = Progress::new(&cs.name, total, copied);
 
-    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<Change>>>(2);
-    let reader = tokio::spawn(read_documents(
-        cs.clone(),
+    let (tx, mut rx) = mpsc::channel::<Result<Vec<Change>>>(2);
+    let reader = tokio::spawn(scan::read_documents(
+        cs.source.clone(),
+        cs.masker.clone(),
         read_time,
         last_id.clone(),
+        cs.context().config.sync.snapshot_batch_size,
         tx,
         shutdown.clone(),
     ));
@@ -99,7 +100,7 @@ pub async fn snapshot_collection(
 }
 
 async fn save_progress(
-    cs: &CollectionSync,
+    cs: &Pipeline,
     read_time: Timestamp,
     last_id: &Option<Bson>,
     copied: u64,
@@ -116,89 +117,14 @@ async fn save_progress(
     cs.save_checkpoint(&cp, shutdown).await;
 }
 
-/// Reads production documents after `last_id` in `_id` order, masked, in batches.
-async fn read_documents(
-    cs: CollectionSync,
-    read_time: Timestamp,
-    last_id: Option<Bson>,
-    tx: mpsc::Sender<anyhow::Result<Vec<Change>>>,
-    shutdown: CancellationToken,
-) {
-    let batch_size = cs.context().config.sync.snapshot_batch_size;
-    let mut last_id = last_id;
-    let mut backoff = crate::retry::Backoff::default();
-    // A cursor broken by an outage is reopened after the last document read.
-    'reopen: loop {
-        let filter = match &last_id {
-            Some(id) => doc! { "_id": { "$gt": id.clone() } },
-            None => doc! {},
-        };
-        let options = FindOptions::builder()
-            .sort(doc! { "_id": 1 })
-            .batch_size(batch_size as u32)
-            .build();
-        let mut cursor = match cs.source.find(filter).with_options(options).await {
-            Ok(c) => c,
-            Err(e) => {
-                if crate::retry::classify(&e) != crate::retry::Failure::Transient {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-                tracing::warn!(collection = %cs.name, error = %e, "production unavailable during the snapshot; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue 'reopen;
-            }
-        };
-        let mut batch = Vec::with_capacity(batch_size);
-        loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            match cursor.try_next().await {
-                Ok(Some(mut doc)) => {
-                    cs.masker.mask_document(&mut doc);
-                    let wall = DateTime::from_millis(i64::from(read_time.time) * 1000);
-                    if let Some(change) = Change::from_snapshot(doc, read_time, wall) {
-                        last_id = Some(change.prod_id.clone());
-                        batch.push(change);
-                    }
-                    if batch.len() >= batch_size
-                        && tx.send(Ok(std::mem::take(&mut batch))).await.is_err()
-                    {
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    if !batch.is_empty() {
-                        let _ = tx.send(Ok(batch)).await;
-                    }
-                    return;
-                }
-                Err(e) => {
-                    if !batch.is_empty() && tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
-                        return;
-                    }
-                    if crate::retry::classify(&e) != crate::retry::Failure::Transient {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                    tracing::warn!(collection = %cs.name, error = %e, "production cursor lost during the snapshot; reopening");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue 'reopen;
-                }
-            }
-        }
-    }
-}
-
 /// Deletes (per `deletes`) the staging documents from production whose source no longer exists.
 /// Candidates are documents the copy did not stamp (`ts` older than the read time) and not
 /// soft-deleted yet; each is checked against production before anything is written.
 async fn prune_stale(
-    cs: &CollectionSync,
+    cs: &Pipeline,
     read_time: Timestamp,
     shutdown: &CancellationToken,
-) -> anyhow::Result<u64> {
+) -> Result<u64> {
     let rules = &cs.rules;
     let filter = doc! {
         rules.meta_path("id"): { "$exists": true },
@@ -206,13 +132,21 @@ async fn prune_stale(
         &rules.soft_delete_field: { "$ne": true },
     };
     let projection = doc! { rules.meta_path("id"): 1 };
+    let what = || {
+        format!(
+            "finding staging.{} documents whose source may be gone",
+            cs.target
+        )
+    };
     let candidates: Vec<Document> = cs
         .staging
         .find(filter)
         .projection(projection)
-        .await?
+        .await
+        .with_context(what)?
         .try_collect()
-        .await?;
+        .await
+        .with_context(what)?;
     let ids: Vec<Bson> = candidates
         .iter()
         .filter_map(|d| {
@@ -223,13 +157,21 @@ async fn prune_stale(
         .collect();
     let mut pruned = 0;
     for chunk in ids.chunks(1000) {
+        let what = || {
+            format!(
+                "checking which production.{} documents still exist",
+                cs.name
+            )
+        };
         let present: Vec<Document> = cs
             .source
             .find(doc! { "_id": { "$in": chunk.to_vec() } })
             .projection(doc! { "_id": 1 })
-            .await?
+            .await
+            .with_context(what)?
             .try_collect()
-            .await?;
+            .await
+            .with_context(what)?;
         let present: std::collections::HashSet<Vec<u8>> = present
             .iter()
             .filter_map(|d| d.get("_id").map(crate::plan::canonical))

@@ -14,22 +14,19 @@
 //! where configured) and field names — never field values.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
 use mongodb::options::FindOptions;
 use serde::Serialize;
 
-use crate::cli::Exit;
-use crate::config::{Config, DeleteMode};
-use crate::engine::{CollectionSync, Context};
+use crate::config::DeleteMode;
+use crate::error::{MongoContext, Result};
+use crate::pipeline::Pipeline;
 use crate::plan::{canonical, meta_of, plan_batch, Outcome, WriteOp};
 use crate::source::change::Change;
 
 const CHUNK: usize = 1000;
-/// Examples per kind kept in human output (JSON keeps all).
-const EXAMPLES: usize = 5;
 
 #[derive(Debug, Default, Serialize)]
 pub struct Drift {
@@ -73,113 +70,6 @@ pub struct Report {
     pub collections: Vec<CollectionReport>,
 }
 
-pub async fn command(
-    config: Arc<Config>,
-    names: &[String],
-    sample: Option<u64>,
-    json: bool,
-) -> Result<i32, Exit> {
-    for n in names {
-        if config.collection(n).is_none() {
-            return Err(Exit::usage(format!("collection `{n}` is not configured")));
-        }
-    }
-    let ctx = Context::connect(config.clone()).await?;
-    let mut collections = Vec::new();
-    for c in config
-        .collections
-        .iter()
-        .filter(|c| names.is_empty() || names.contains(&c.name))
-    {
-        let cs = ctx.collection_sync(c);
-        let report = verify_collection(&cs, sample)
-            .await
-            .map_err(|e| Exit::usage(format!("verifying `{}`: {e:#}", c.name)))?;
-        collections.push(report);
-    }
-    let report = Report {
-        in_sync: collections.iter().all(|c| c.drift_count() == 0),
-        collections,
-    };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        print_human(&report);
-    }
-    Ok(if report.in_sync { 0 } else { 1 })
-}
-
-fn print_human(report: &Report) {
-    println!(
-        "{:<18} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
-        "collection", "production", "staging", "missing", "differ", "stale", "deleted*", "dup keys"
-    );
-    for c in &report.collections {
-        println!(
-            "{:<18} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
-            c.collection,
-            c.production_checked,
-            if c.sampled {
-                "-".to_string()
-            } else {
-                c.staging_checked.to_string()
-            },
-            c.missing.len(),
-            c.differing.len(),
-            c.stale_not_deleted.len(),
-            c.deleted_but_present.len(),
-            c.duplicate_keys.len()
-        );
-    }
-    println!("(deleted* = soft-deleted in staging although production still has the document)");
-    for c in &report.collections {
-        let kinds: [(&str, &Vec<Drift>); 5] = [
-            ("missing in staging", &c.missing),
-            ("production-owned fields differ", &c.differing),
-            ("source gone, not deleted", &c.stale_not_deleted),
-            ("soft-deleted, source exists", &c.deleted_but_present),
-            ("duplicate business key", &c.duplicate_keys),
-        ];
-        for (label, items) in kinds {
-            for d in items.iter().take(EXAMPLES) {
-                let mut fields = if d.fields.is_empty() {
-                    String::new()
-                } else {
-                    format!(" fields: {}", d.fields.join(", "))
-                };
-                if let Some(r) = &d.reason {
-                    fields.push_str(&format!(" (cannot be applied: {r})"));
-                }
-                println!(
-                    "  {}: {label}: {}{}{}",
-                    c.collection,
-                    d.business_key,
-                    d.production_id
-                        .as_ref()
-                        .map(|p| format!(" (production _id {p})"))
-                        .unwrap_or_default(),
-                    fields
-                );
-            }
-            if items.len() > EXAMPLES {
-                println!(
-                    "  {}: {label}: … and {} more (use --json for all)",
-                    c.collection,
-                    items.len() - EXAMPLES
-                );
-            }
-        }
-    }
-    if report.in_sync {
-        println!("in sync");
-    } else {
-        println!("DRIFT found");
-    }
-}
-
 fn id_text(v: Option<&Bson>) -> Option<String> {
     v.map(|v| match v {
         Bson::String(s) => s.clone(),
@@ -188,10 +78,7 @@ fn id_text(v: Option<&Bson>) -> Option<String> {
     })
 }
 
-pub async fn verify_collection(
-    cs: &CollectionSync,
-    sample: Option<u64>,
-) -> anyhow::Result<CollectionReport> {
+pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<CollectionReport> {
     let rules = &cs.rules;
     let mut report = CollectionReport {
         collection: cs.name.clone(),
@@ -207,23 +94,30 @@ pub async fn verify_collection(
     let now = DateTime::now();
 
     // Pass 1: production → staging.
+    let reading_prod = || format!("reading production.{}", cs.name);
+    let reading_staging = || format!("reading staging.{}", cs.target);
     let mut cursor = match sample {
-        Some(n) => {
-            cs.source
-                .aggregate(vec![doc! { "$sample": { "size": n as i64 } }])
-                .await?
-        }
+        Some(n) => cs
+            .source
+            .aggregate(vec![doc! { "$sample": { "size": n as i64 } }])
+            .await
+            .with_context(reading_prod)?,
         None => {
             let options = FindOptions::builder()
                 .sort(doc! { "_id": 1 })
                 .batch_size(CHUNK as u32)
                 .build();
-            cs.source.find(doc! {}).with_options(options).await?
+            cs.source
+                .find(doc! {})
+                .with_options(options)
+                .await
+                .with_context(reading_prod)?
         }
     };
     loop {
         let chunk: Vec<Change> = next_chunk(&mut cursor)
-            .await?
+            .await
+            .with_context(reading_prod)?
             .into_iter()
             .filter_map(|mut d| {
                 cs.masker.mask_document(&mut d);
@@ -249,9 +143,12 @@ pub async fn verify_collection(
         .staging
         .find(doc! { rules.meta_path("id"): { "$exists": true } })
         .with_options(options)
-        .await?;
+        .await
+        .with_context(reading_staging)?;
     loop {
-        let chunk = next_chunk(&mut staging).await?;
+        let chunk = next_chunk(&mut staging)
+            .await
+            .with_context(reading_staging)?;
         if chunk.is_empty() {
             break;
         }
@@ -277,8 +174,9 @@ pub async fn verify_collection(
             doc! { "$group": { "_id": group_id, "n": { "$sum": 1 } } },
             doc! { "$match": { "n": { "$gt": 1 } } },
         ])
-        .await?;
-    while let Some(g) = dups.try_next().await? {
+        .await
+        .with_context(reading_staging)?;
+    while let Some(g) = dups.try_next().await.with_context(reading_staging)? {
         let key = g
             .get_document("_id")
             .map(|k| {
@@ -319,10 +217,10 @@ async fn next_chunk(
 
 /// Plans the chunk exactly as the engine would; any write it would make is drift.
 async fn compare_production_chunk(
-    cs: &CollectionSync,
+    cs: &Pipeline,
     changes: &[Change],
     report: &mut CollectionReport,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let rules = &cs.rules;
     let existing = cs.fetch_existing(changes).await?;
     let by_id: HashMap<Vec<u8>, Document> = existing
@@ -393,10 +291,10 @@ async fn compare_production_chunk(
 
 /// Staging documents from production whose production `_id` is gone must be deleted as configured.
 async fn compare_staging_chunk(
-    cs: &CollectionSync,
+    cs: &Pipeline,
     docs: &[Document],
     report: &mut CollectionReport,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let rules = &cs.rules;
     if rules.deletes == DeleteMode::Ignore {
         return Ok(());
@@ -413,9 +311,11 @@ async fn compare_staging_chunk(
         .source
         .find(doc! { "_id": { "$in": ids } })
         .projection(doc! { "_id": 1 })
-        .await?
+        .await
+        .with_context(|| format!("reading production.{}", cs.name))?
         .try_collect::<Vec<Document>>()
-        .await?
+        .await
+        .with_context(|| format!("reading production.{}", cs.name))?
         .iter()
         .filter_map(|d| d.get("_id").map(canonical))
         .collect();

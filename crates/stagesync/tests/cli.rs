@@ -158,7 +158,7 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
     let port = stagesync_testkit::free_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let mut run = RunProcess::start(&path, pair.dir.path(), &["--metrics-addr", &addr]);
-    let ctx = stagesync::engine::Context::connect(config).await.unwrap();
+    let ctx = stagesync::context::Context::connect(config).await.unwrap();
     eventually("the stream to open", Duration::from_secs(30), || async {
         ctx.checkpoints
             .load("orders")

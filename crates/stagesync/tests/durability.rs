@@ -18,7 +18,7 @@ fn key(email: &str, account: i32) -> Document {
 }
 
 async fn checkpoint(config: &std::sync::Arc<stagesync::config::Config>) -> Option<Checkpoint> {
-    let ctx = stagesync::engine::Context::connect(config.clone())
+    let ctx = stagesync::context::Context::connect(config.clone())
         .await
         .unwrap();
     ctx.checkpoints.load("orders").await.unwrap()
@@ -36,7 +36,7 @@ async fn wait_until_streaming(config: &std::sync::Arc<stagesync::config::Config>
 }
 
 async fn corrupt_checkpoint(config: &std::sync::Arc<stagesync::config::Config>) {
-    let ctx = stagesync::engine::Context::connect(config.clone())
+    let ctx = stagesync::context::Context::connect(config.clone())
         .await
         .unwrap();
     let mut cp = ctx
@@ -137,7 +137,7 @@ async fn redis_checkpoints_resume_where_the_last_run_stopped() {
 }
 
 #[tokio::test]
-async fn lost_history_with_fail_exits_non_zero_and_says_how_to_recover() {
+async fn lost_history_with_fail_exits_3_and_says_how_to_recover() {
     let pair = Pair::start();
     let (path, config) = pair.config("on_history_lost = \"fail\"", ORDERS);
     Engine::start(config.clone()).await.stop().await.unwrap();
@@ -146,7 +146,12 @@ async fn lost_history_with_fail_exits_non_zero_and_says_how_to_recover() {
     let status = run
         .wait(Duration::from_secs(30))
         .expect("run gives up on lost history");
-    assert_eq!(status.code(), Some(1), "log: {}", run.log_text());
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "a fatal sync error: {}",
+        run.log_text()
+    );
     let log = run.log_text();
     assert!(
         log.contains("stagesync snapshot") && log.contains("on_history_lost"),

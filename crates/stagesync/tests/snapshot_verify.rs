@@ -11,7 +11,15 @@ use std::time::Duration;
 use common::{all_docs, eventually, find_by, staging_doc_where, Engine, Pair, RunProcess, ORDERS};
 use mongodb::bson::{doc, Bson, Document, Timestamp};
 
+/// `stagesync verify`: exit code and stdout (the data; diagnostics go to stderr, which must
+/// never hold a panic).
 fn verify(path: &std::path::Path, extra: &[&str]) -> (i32, String) {
+    let (code, stdout, stderr) = verify_full(path, extra);
+    assert!(!stderr.contains("panicked"), "verify panicked: {stderr}");
+    (code, stdout)
+}
+
+fn verify_full(path: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_stagesync"))
         .arg("verify")
         .arg("-c")
@@ -19,12 +27,11 @@ fn verify(path: &std::path::Path, extra: &[&str]) -> (i32, String) {
         .args(extra)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 async fn seed_production(prod: &mongodb::Collection<Document>, n: i32) {
@@ -242,7 +249,7 @@ async fn verify_reports_missing_stale_and_wrongly_deleted_documents() {
     let (code, out) = verify(&path, &["--sample", "3"]);
     assert!(code == 0 || code == 1, "{out}");
     assert!(out.contains("orders"));
-    let (code, out) = verify(&path, &["--collection", "nope"]);
+    let (code, _, out) = verify_full(&path, &["--collection", "nope"]);
     assert_eq!(code, 2, "{out}");
 }
 
@@ -253,7 +260,7 @@ async fn a_killed_snapshot_continues_where_it_stopped() {
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
     seed_production(&prod, 30_000).await;
-    let ctx = stagesync::engine::Context::connect(config.clone())
+    let ctx = stagesync::context::Context::connect(config.clone())
         .await
         .unwrap();
     let mut first = RunProcess::start_command("snapshot", &path, pair.dir.path());

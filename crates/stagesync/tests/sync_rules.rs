@@ -515,7 +515,7 @@ async fn engine_ctx_save(
     cp: &stagesync::checkpoint::Checkpoint,
 ) {
     let _ = pair;
-    let ctx = stagesync::engine::Context::connect(config.clone())
+    let ctx = stagesync::context::Context::connect(config.clone())
         .await
         .unwrap();
     ctx.checkpoints.save("orders", cp).await.unwrap();

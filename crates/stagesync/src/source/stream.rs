@@ -20,8 +20,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::change::{convert, Change, Event};
+use crate::error::{ErrorKind, SyncError};
 use crate::metrics::Metrics;
-use crate::retry::{classify, Backoff, Failure};
+use crate::retry::{classify, RetryPolicy, Wait};
 use crate::transform::Masker;
 
 /// Where a stream starts.
@@ -54,10 +55,9 @@ pub struct Batch {
 #[derive(Debug)]
 pub enum ReaderMessage {
     Batch(Batch),
-    /// Production no longer has the history to resume from (or refused the stored token).
-    HistoryLost(String),
-    /// The reader cannot go on (an error no retry fixes).
-    Fatal(String),
+    /// The reader cannot go on: [`SyncError::HistoryLost`] when production no longer has the
+    /// history to resume from (or refused the stored token), else an error no retry fixes.
+    Failed(SyncError),
 }
 
 #[derive(Debug, Clone)]
@@ -99,7 +99,13 @@ pub async fn read(
     metrics: std::sync::Arc<Metrics>,
 ) {
     let name = coll.name().to_string();
-    let mut backoff = Backoff::default();
+    let history_lost = |detail: String| {
+        ReaderMessage::Failed(SyncError::HistoryLost {
+            collection: name.clone(),
+            detail,
+        })
+    };
+    let mut backoff = RetryPolicy::default().backoff();
     let mut outage: Option<Instant> = None;
     // Only the very first open may hit an unusable stored token; later reopens use tokens this
     // reader just received.
@@ -114,22 +120,24 @@ pub async fn read(
             Err(e) => {
                 let failure = classify(e);
                 let from_checkpoint = first_open && matches!(start, StartAt::ResumeAfter(_));
-                if failure == Failure::HistoryLost
-                    || (failure == Failure::Permanent && from_checkpoint)
+                if failure == ErrorKind::HistoryLost
+                    || (failure != ErrorKind::Transient && from_checkpoint)
                 {
-                    let _ = tx.send(ReaderMessage::HistoryLost(e.to_string())).await;
+                    let _ = tx.send(history_lost(e.to_string())).await;
                     return;
                 }
-                if failure == Failure::Permanent {
-                    let _ = tx
-                        .send(ReaderMessage::Fatal(format!(
-                            "cannot open the change stream of `{name}`: {e}"
-                        )))
-                        .await;
+                if failure != ErrorKind::Transient {
+                    let e = SyncError::mongo(
+                        format!("cannot open the change stream of `{name}`"),
+                        e.clone(),
+                    );
+                    let _ = tx.send(ReaderMessage::Failed(e)).await;
                     return;
                 }
                 note_outage(&mut outage, &name, e, &metrics);
-                sleep_or_stop(backoff.next_delay(), &shutdown).await;
+                if backoff.wait(&shutdown).await != Wait::Retry {
+                    return;
+                }
                 continue 'reopen;
             }
         };
@@ -224,9 +232,8 @@ pub async fn read(
                     }
                 }
                 Err(e) => {
-                    let failure = classify(&e);
-                    if failure == Failure::HistoryLost {
-                        let _ = tx.send(ReaderMessage::HistoryLost(e.to_string())).await;
+                    if classify(&e) == ErrorKind::HistoryLost {
+                        let _ = tx.send(history_lost(e.to_string())).await;
                         return;
                     }
                     // Send what was read (it is complete up to `position`), then reopen from there.
@@ -243,7 +250,9 @@ pub async fn read(
                     if let Some(t) = position.token.clone() {
                         start = StartAt::ResumeAfter(t);
                     }
-                    sleep_or_stop(backoff.next_delay(), &shutdown).await;
+                    if backoff.wait(&shutdown).await != Wait::Retry {
+                        return;
+                    }
                     continue 'reopen;
                 }
             }
@@ -274,12 +283,5 @@ fn note_outage(
     if outage.is_none() {
         *outage = Some(Instant::now());
         tracing::warn!(collection = %name, error = %e, "production change stream unavailable; retrying with backoff until it is back");
-    }
-}
-
-async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
     }
 }

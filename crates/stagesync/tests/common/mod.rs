@@ -139,13 +139,13 @@ preserve = ["qa", "experiments.*"]
 /// The stagesync engine running in this process until dropped or stopped.
 pub struct Engine {
     pub stop: CancellationToken,
-    pub handle: Option<tokio::task::JoinHandle<Result<(), stagesync::engine::EngineError>>>,
-    pub ctx: stagesync::engine::Context,
+    pub handle: Option<tokio::task::JoinHandle<Result<(), stagesync::error::SyncError>>>,
+    pub ctx: stagesync::context::Context,
 }
 
 impl Engine {
     pub async fn start(config: Arc<Config>) -> Engine {
-        let ctx = stagesync::engine::Context::connect(config).await.unwrap();
+        let ctx = stagesync::context::Context::connect(config).await.unwrap();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(stagesync::engine::run(ctx.clone(), stop.clone()));
         let engine = Engine {
@@ -172,7 +172,7 @@ impl Engine {
         engine
     }
 
-    pub async fn stop(mut self) -> Result<(), stagesync::engine::EngineError> {
+    pub async fn stop(mut self) -> Result<(), stagesync::error::SyncError> {
         self.stop.cancel();
         let handle = self.handle.take().unwrap();
         tokio::time::timeout(Duration::from_secs(10), handle)

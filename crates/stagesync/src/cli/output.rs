@@ -1,0 +1,231 @@
+//! What the commands print on stdout: tables and reports for people (`--json` prints the
+//! serialised structs instead).
+
+use mongodb::bson::doc;
+
+use crate::context::Context;
+use crate::deadletter::DeadLetter;
+use crate::status::CollectionStatus;
+use crate::verify::{Drift, Report};
+
+/// Examples per kind of drift in human output (JSON keeps all).
+const EXAMPLES: usize = 5;
+
+/// `check`: what was verified, line by line; true when everything passed. Creates nothing.
+pub async fn check(ctx: &Context) -> bool {
+    let config = &ctx.config;
+    let mut ok = true;
+    for (label, client) in [("production", &ctx.prod), ("staging", &ctx.staging)] {
+        match client
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await
+        {
+            Ok(hello) => {
+                let set = hello.get_str("setName").ok();
+                let mongos = hello.get_str("msg").ok() == Some("isdbgrid");
+                match (label, set, mongos) {
+                    ("production", None, false) => {
+                        ok = false;
+                        println!("{label}: reachable, but NOT a replica set: change streams need a replica set or sharded cluster");
+                    }
+                    (_, Some(s), _) => println!("{label}: reachable (replica set `{s}`)"),
+                    (_, None, true) => println!("{label}: reachable (sharded cluster)"),
+                    _ => println!("{label}: reachable"),
+                }
+            }
+            Err(e) => {
+                ok = false;
+                println!("{label}: NOT reachable: {e}");
+            }
+        }
+    }
+    if ok {
+        for c in &config.collections {
+            let pipeline = ctx.pipeline(c);
+            match crate::source::stream::open(
+                &pipeline.source,
+                &crate::source::stream::StartAt::Now,
+                std::time::Duration::from_millis(100),
+                1,
+            )
+            .await
+            {
+                Ok(_) => println!("production.{}: change stream opens", c.name),
+                Err(e) => {
+                    ok = false;
+                    println!("production.{}: change stream FAILED: {e}", c.name);
+                }
+            }
+        }
+    }
+    match ctx.checkpoints.ping().await {
+        Ok(()) => println!("checkpoint store: reachable"),
+        Err(e) => {
+            ok = false;
+            println!("checkpoint store: NOT reachable: {e}");
+        }
+    }
+    println!("`run` creates these indexes on staging when missing (check creates nothing; nothing is ever dropped):");
+    for c in &config.collections {
+        let rules = crate::plan::Rules::new(&config.sync, c);
+        let existing = crate::apply::existing_index_keys(&ctx.staging_db, c.target_name()).await;
+        for spec in crate::apply::index_specs(&rules) {
+            let key = spec.get_document("key").cloned().unwrap_or_default();
+            let state = match &existing {
+                Some(keys) if keys.contains(&key) => "exists",
+                Some(_) => "will be created",
+                None => "collection does not exist yet; will be created",
+            };
+            println!(
+                "  {}.{} {}: {}",
+                config.target.database,
+                c.target_name(),
+                spec.get_str("name").unwrap_or(""),
+                state
+            );
+        }
+    }
+    println!(
+        "  {}.dead_letters: {{sync, collection, productionId, clusterTime}}",
+        config.sync.metadata_database
+    );
+    ok
+}
+
+pub fn verify(report: &Report) {
+    println!(
+        "{:<18} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
+        "collection", "production", "staging", "missing", "differ", "stale", "deleted*", "dup keys"
+    );
+    for c in &report.collections {
+        println!(
+            "{:<18} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
+            c.collection,
+            c.production_checked,
+            if c.sampled {
+                "-".to_string()
+            } else {
+                c.staging_checked.to_string()
+            },
+            c.missing.len(),
+            c.differing.len(),
+            c.stale_not_deleted.len(),
+            c.deleted_but_present.len(),
+            c.duplicate_keys.len()
+        );
+    }
+    println!("(deleted* = soft-deleted in staging although production still has the document)");
+    for c in &report.collections {
+        let kinds: [(&str, &Vec<Drift>); 5] = [
+            ("missing in staging", &c.missing),
+            ("production-owned fields differ", &c.differing),
+            ("source gone, not deleted", &c.stale_not_deleted),
+            ("soft-deleted, source exists", &c.deleted_but_present),
+            ("duplicate business key", &c.duplicate_keys),
+        ];
+        for (label, items) in kinds {
+            for d in items.iter().take(EXAMPLES) {
+                let mut fields = if d.fields.is_empty() {
+                    String::new()
+                } else {
+                    format!(" fields: {}", d.fields.join(", "))
+                };
+                if let Some(r) = &d.reason {
+                    fields.push_str(&format!(" (cannot be applied: {r})"));
+                }
+                println!(
+                    "  {}: {label}: {}{}{}",
+                    c.collection,
+                    d.business_key,
+                    d.production_id
+                        .as_ref()
+                        .map(|p| format!(" (production _id {p})"))
+                        .unwrap_or_default(),
+                    fields
+                );
+            }
+            if items.len() > EXAMPLES {
+                println!(
+                    "  {}: {label}: … and {} more (use --json for all)",
+                    c.collection,
+                    items.len() - EXAMPLES
+                );
+            }
+        }
+    }
+    println!(
+        "{}",
+        if report.in_sync {
+            "in sync"
+        } else {
+            "DRIFT found"
+        }
+    );
+}
+
+pub fn dead_letters(entries: &[DeadLetter]) {
+    if entries.is_empty() {
+        println!("no dead letters");
+        return;
+    }
+    println!(
+        "{:<24}  {:<14} {:<8} {:<16} {:>3}  business key / production _id",
+        "id", "collection", "op", "reason", "n"
+    );
+    for e in entries {
+        println!(
+            "{:<24}  {:<14} {:<8} {:<16} {:>3}  {} / {}",
+            e.id,
+            e.collection,
+            e.operation,
+            e.error_code,
+            e.attempts,
+            e.business_key.as_deref().unwrap_or("-"),
+            e.production_id
+        );
+    }
+    println!("{} dead letter(s)", entries.len());
+}
+
+pub fn dead_letter(e: &DeadLetter) {
+    println!("id:            {}", e.id);
+    println!("collection:    {}", e.collection);
+    println!("operation:     {}", e.operation);
+    println!(
+        "business key:  {}",
+        e.business_key.as_deref().unwrap_or("-")
+    );
+    println!("production _id:{}", e.production_id);
+    println!("error:         {} — {}", e.error_code, e.error_message);
+    println!("first seen:    {}", e.first_seen);
+    println!("last seen:     {}", e.last_seen);
+    println!("attempts:      {}", e.attempts);
+    println!(
+        "change:        {}",
+        serde_json::to_string_pretty(&e.change).unwrap_or_default()
+    );
+}
+
+pub fn status(rows: &[CollectionStatus]) {
+    println!(
+        "{:<20} {:<26} {:>10} {:>12}",
+        "collection", "checkpoint time", "lag (s)", "dead letters"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<26} {:>10} {:>12}{}",
+            r.collection,
+            r.checkpoint_time.as_deref().unwrap_or("none yet"),
+            r.lag_seconds
+                .map(|l| format!("{l:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            r.dead_letters,
+            if r.snapshot_in_progress {
+                "  (snapshot in progress)"
+            } else {
+                ""
+            }
+        );
+    }
+}

@@ -1,0 +1,191 @@
+//! Connections and stores shared by every collection of one sync.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mongodb::bson::{doc, Timestamp};
+use mongodb::options::{ClientOptions, DatabaseOptions};
+use mongodb::{Client, Database};
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::WriteLimiter;
+use crate::checkpoint::CheckpointStore;
+use crate::config::{CollectionConfig, Config};
+use crate::deadletter::DeadLetters;
+use crate::error::{MongoContext, Result, SyncError};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::retry::{retry, Gave, RetryPolicy};
+
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<Config>,
+    pub prod: Client,
+    pub staging: Client,
+    pub prod_db: Database,
+    pub staging_db: Database,
+    pub meta_db: Database,
+    pub checkpoints: CheckpointStore,
+    pub dead_letters: DeadLetters,
+    pub metrics: Arc<Metrics>,
+    pub limiter: Option<Arc<WriteLimiter>>,
+    /// Bounds how many collections are snapshotted at once.
+    pub snapshot_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// A client for `uri`. The driver connects lazily, so this only validates the URI (a bad one
+/// is the user's input: [`SyncError::InvalidSetting`]).
+pub async fn client(uri: &str, key: &str) -> Result<Client> {
+    let invalid = |detail: String| SyncError::InvalidSetting {
+        key: key.to_string(),
+        detail,
+    };
+    let mut options = ClientOptions::parse(uri)
+        .await
+        .map_err(|e| invalid(format!("not a usable MongoDB URI: {e}")))?;
+    options.app_name = Some("stagesync".into());
+    // Short server selection: outages surface quickly and are retried by our own policy, which
+    // logs them once, instead of stalling each operation for the driver's default 30 s.
+    options.server_selection_timeout = Some(Duration::from_secs(5));
+    options.connect_timeout = Some(Duration::from_secs(5));
+    Client::with_options(options).map_err(|e| invalid(e.to_string()))
+}
+
+impl Context {
+    /// Builds the clients and stores. Nothing is contacted yet: see [`Context::wait_reachable`].
+    pub async fn connect(config: Arc<Config>) -> Result<Context> {
+        let prod = client(&config.source.uri, "source.uri").await?;
+        let staging = client(&config.target.uri, "target.uri").await?;
+        let prod_db = prod.database(&config.source.database);
+        let staging_db = staging.database(&config.target.database);
+        // Checkpoints and dead letters are written with the configured write concern too.
+        let meta_db = staging.database_with_options(
+            &config.sync.metadata_database,
+            DatabaseOptions::builder()
+                .write_concern(crate::apply::write_concern(&config.sync.write_concern))
+                .build(),
+        );
+        let checkpoints = CheckpointStore::open(&config, &meta_db)?;
+        let dead_letters = DeadLetters::new(&meta_db, &config.sync.name);
+        let limiter = config
+            .sync
+            .max_writes_per_second
+            .and_then(WriteLimiter::new);
+        let snapshot_concurrency = config.sync.snapshot_concurrency;
+        Ok(Context {
+            config,
+            prod,
+            staging,
+            prod_db,
+            staging_db,
+            meta_db,
+            checkpoints,
+            dead_letters,
+            metrics: Arc::new(Metrics::new()),
+            limiter,
+            snapshot_slots: Arc::new(tokio::sync::Semaphore::new(snapshot_concurrency)),
+        })
+    }
+
+    pub fn pipeline(&self, c: &CollectionConfig) -> Pipeline {
+        Pipeline::new(self, c)
+    }
+
+    /// Waits until production, staging and the checkpoint store answer, retrying with the one
+    /// policy (saying so once per side) for at most `deadline`. `Ok(false)` when stopped.
+    pub async fn wait_reachable(
+        &self,
+        deadline: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<bool> {
+        let policy = RetryPolicy::until(deadline);
+        for (label, client) in [("production", &self.prod), ("staging", &self.staging)] {
+            let ping = || async {
+                client
+                    .database("admin")
+                    .run_command(doc! { "ping": 1 })
+                    .await
+                    .context(format!("pinging {label}"))
+            };
+            let said = |e: &SyncError, b: &crate::retry::Backoff| {
+                if b.attempts() == 0 {
+                    tracing::warn!(error = %e, "{label} is not reachable; retrying for up to {deadline:?}");
+                }
+            };
+            match retry(&policy, shutdown, ping, SyncError::is_transient, said).await {
+                Ok((_, failures)) if failures > 0 => tracing::info!("{label} is reachable again"),
+                Ok(_) => {}
+                Err(Gave::Stopped) => return Ok(false),
+                Err(Gave::Up(e)) if e.is_transient() => {
+                    return Err(SyncError::Unreachable {
+                        what: label.to_string(),
+                        waited: deadline,
+                        last_error: e.to_string(),
+                    })
+                }
+                Err(Gave::Up(e)) => return Err(e),
+            }
+        }
+        let store = || self.checkpoints.ping();
+        let said = |e: &SyncError, b: &crate::retry::Backoff| {
+            if b.attempts() == 0 {
+                tracing::warn!(error = %e, "the checkpoint store is not reachable; retrying for up to {deadline:?}");
+            }
+        };
+        match retry(&policy, shutdown, store, SyncError::is_transient, said).await {
+            Ok(_) => Ok(true),
+            Err(Gave::Stopped) => Ok(false),
+            Err(Gave::Up(e)) if e.is_transient() => Err(SyncError::Unreachable {
+                what: "the checkpoint store".into(),
+                waited: deadline,
+                last_error: e.to_string(),
+            }),
+            Err(Gave::Up(e)) => Err(e),
+        }
+    }
+
+    /// Production's current operation time: where a snapshot reads from.
+    pub async fn production_time(&self) -> Result<Timestamp> {
+        let reply = self
+            .prod_db
+            .run_command(doc! { "ping": 1 })
+            .await
+            .context("reading production's operation time")?;
+        let from_reply = reply.get_timestamp("operationTime").ok().or_else(|| {
+            reply
+                .get_document("$clusterTime")
+                .ok()
+                .and_then(|c| c.get_timestamp("clusterTime").ok())
+        });
+        if let Some(t) = from_reply {
+            return Ok(t);
+        }
+        let hello = self
+            .prod
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await
+            .context("reading production's operation time")?;
+        hello
+            .get_document("lastWrite")
+            .ok()
+            .and_then(|w| w.get_document("opTime").ok())
+            .and_then(|o| o.get_timestamp("ts").ok())
+            .or_else(|| hello.get_timestamp("operationTime").ok())
+            .ok_or_else(|| {
+                SyncError::Production(
+                    "production did not report an operation time; is it a replica set? \
+                     (change streams need a replica set or a sharded cluster)"
+                        .into(),
+                )
+            })
+    }
+
+    /// Closes both clients; the checkpoint store's Redis connection closes as `self` drops.
+    /// Every command calls this before the runtime ends: a driver dropped at runtime teardown
+    /// can panic in its background tasks.
+    pub async fn shutdown(self) {
+        self.prod.shutdown().immediate(true).await;
+        self.staging.shutdown().immediate(true).await;
+    }
+}

@@ -1,0 +1,482 @@
+//! One collection's pipeline, stage by stage as the README names them:
+//!
+//! ```text
+//! source ──▶ transform ──▶ plan ──────────▶ apply ──────────▶ checkpoint
+//! (change     (masking,     (look up staging, (bulk writes     (resume position, saved
+//!  stream or   in the        match, merge,     to staging)      after staging acked)
+//!  snapshot)   reader)       coalesce)            └─▶ deadletter (changes staging refuses)
+//! ```
+//!
+//! [`Pipeline::apply_changes`] is the single entry point for writing: live changes
+//! ([`Pipeline::follow`]), snapshots, prunes, dead-letter replays and `verify` all go through
+//! the same lookup → plan → apply path, so the rules are the same whichever way a document
+//! arrives. What happens around it — snapshot or stream, history lost — is [`crate::engine`].
+
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use mongodb::bson::{DateTime, Document};
+use mongodb::Collection;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{Applier, WriteResult};
+use crate::checkpoint::Checkpoint;
+use crate::config::CollectionConfig;
+use crate::context::Context;
+use crate::error::{MongoContext, Result, SyncError};
+use crate::plan::{plan_batch, Failed, Outcome, Rules, Skip};
+use crate::retry::{retry, Backoff, Gave, RetryPolicy};
+use crate::source::change::Change;
+use crate::source::stream::{self, Batch, ReaderMessage, ReaderSettings, StartAt};
+use crate::transform::Masker;
+
+/// How long a stopping run lets the batch in flight finish before abandoning it (`run` must
+/// exit within 10 s of SIGTERM).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+/// How long a stopping run keeps trying to save its last checkpoint.
+const STOP_SAVE_GRACE: Duration = Duration::from_secs(3);
+
+/// Where a batch of changes comes from: decides dead-lettering and lag accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The change stream: failures are dead-lettered, lag is measured.
+    Stream,
+    /// A snapshot copy or prune: failures are dead-lettered; no lag (the copy is not a change).
+    Snapshot,
+    /// `dlq replay`: failures stay in their existing dead letter.
+    Replay,
+}
+
+/// What one `apply_changes` call did.
+#[derive(Debug, Default, Clone)]
+pub struct BatchReport {
+    pub applied: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    /// One per change, in order.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// One collection's stages and the connections they use.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub target: String,
+    pub rules: Rules,
+    pub masker: Masker,
+    pub applier: Applier,
+    pub source: Collection<Document>,
+    pub staging: Collection<Document>,
+    ctx: Context,
+}
+
+impl Pipeline {
+    pub fn new(ctx: &Context, c: &CollectionConfig) -> Pipeline {
+        let config = &ctx.config;
+        Pipeline {
+            name: c.name.clone(),
+            target: c.target_name().to_string(),
+            rules: Rules::new(&config.sync, c),
+            masker: Masker::new(config.masking.as_ref(), &c.mask),
+            applier: Applier::new(
+                ctx.staging_db.clone(),
+                c.target_name(),
+                &config.sync.write_concern,
+                config.sync.apply_concurrency,
+                ctx.limiter.clone(),
+            ),
+            source: ctx.prod_db.collection(&c.name),
+            staging: ctx.staging_db.collection(c.target_name()),
+            ctx: ctx.clone(),
+        }
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // plan → apply → deadletter: one batch
+
+    /// Looks up, plans and writes one batch of changes; records the ones that cannot be applied
+    /// in the dead-letter queue (unless replaying one). `Err` only for trouble with the whole
+    /// request (the caller retries the batch: replays are no-ops thanks to the order rule).
+    pub async fn apply_changes(&self, changes: &[Change], origin: Origin) -> Result<BatchReport> {
+        let (mut outcomes, duplicate_key) = self.plan_and_write(changes, true).await?;
+        // A duplicate key error can come from two documents of the batch trading keys in
+        // parallel chunks; try those once more, alone, now that the rest is written.
+        if !duplicate_key.is_empty() {
+            let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
+            let (second, _) = self.plan_and_write(&retry, false).await?;
+            for (k, &i) in duplicate_key.iter().enumerate() {
+                outcomes[i] = second[k].clone();
+            }
+        }
+        let metrics = &self.ctx.metrics;
+        let mut report = BatchReport::default();
+        for (c, outcome) in changes.iter().zip(&outcomes) {
+            let labels = |stage: &str, reason: &str| {
+                [
+                    self.name.clone(),
+                    c.op.as_str().to_string(),
+                    stage.to_string(),
+                    reason.to_string(),
+                ]
+            };
+            match outcome {
+                Outcome::Applied => {
+                    report.applied += 1;
+                    metrics
+                        .changes
+                        .with_label_values(&labels("applied", ""))
+                        .inc();
+                    if let (Origin::Stream, Some(w)) = (origin, c.wall_time) {
+                        let lag = (DateTime::now().timestamp_millis() - w.timestamp_millis()).max(0)
+                            as f64
+                            / 1000.0;
+                        metrics
+                            .lag_seconds
+                            .with_label_values(&[&self.name])
+                            .observe(lag);
+                    }
+                }
+                Outcome::Skipped(s) => {
+                    report.skipped += 1;
+                    metrics
+                        .changes
+                        .with_label_values(&labels("skipped", s.as_str()))
+                        .inc();
+                    if *s == Skip::StagingNewer {
+                        metrics.conflicts.with_label_values(&[&self.name]).inc();
+                        tracing::info!(collection = %self.name, production_id = %c.prod_id, "last-write-wins: staging's edit is newer; kept");
+                    }
+                }
+                Outcome::Failed(f) => {
+                    report.failed += 1;
+                    metrics
+                        .changes
+                        .with_label_values(&labels("failed", &f.code))
+                        .inc();
+                    if origin != Origin::Replay {
+                        self.dead_letter(c, f).await?;
+                    }
+                }
+            }
+        }
+        metrics.batch_size.observe(changes.len() as f64);
+        report.outcomes = outcomes;
+        Ok(report)
+    }
+
+    /// The lookup part of the plan stage: the staging documents a batch may touch, in two
+    /// set-based queries — by recorded production `_id`, then by the business keys still
+    /// needed (see [`Rules::keys_to_look_up`]).
+    pub async fn fetch_existing(&self, changes: &[Change]) -> Result<Vec<Document>> {
+        let what = || format!("looking up staging.{}", self.target);
+        let mut existing: Vec<Document> = match self.rules.id_filter(changes) {
+            Some(filter) => self
+                .staging
+                .find(filter)
+                .await
+                .with_context(what)?
+                .try_collect()
+                .await
+                .with_context(what)?,
+            None => vec![],
+        };
+        let keys = self.rules.keys_to_look_up(changes, &existing);
+        if let Some(filter) = self.rules.key_filter(&keys) {
+            let by_key: Vec<Document> = self
+                .staging
+                .find(filter)
+                .await
+                .with_context(what)?
+                .try_collect()
+                .await
+                .with_context(what)?;
+            existing.extend(by_key);
+        }
+        Ok(existing)
+    }
+
+    /// Returns each change's outcome and, when `set_aside_duplicate_keys`, the indices whose
+    /// write hit a duplicate key (left for a second pass instead of failing them now).
+    async fn plan_and_write(
+        &self,
+        changes: &[Change],
+        set_aside_duplicate_keys: bool,
+    ) -> Result<(Vec<Outcome>, Vec<usize>)> {
+        let existing = self.fetch_existing(changes).await?;
+        let plan = plan_batch(&self.rules, changes, existing, DateTime::now());
+        let results = self.applier.apply(&plan.writes).await?;
+        let mut outcomes = plan.outcomes;
+        let mut duplicate_key = Vec::new();
+        for (write, result) in plan.writes.iter().zip(&results) {
+            if let WriteResult::Refused { code, message } = result {
+                if result.is_duplicate_key() && set_aside_duplicate_keys {
+                    duplicate_key.extend(write.changes.iter().copied());
+                    continue;
+                }
+                for &i in &write.changes {
+                    outcomes[i] = Outcome::Failed(Failed {
+                        code: staging_code(*code),
+                        message: message.clone(),
+                    });
+                }
+            }
+        }
+        duplicate_key.sort_unstable();
+        Ok((outcomes, duplicate_key))
+    }
+
+    async fn dead_letter(&self, c: &Change, f: &Failed) -> Result<()> {
+        let key = c
+            .doc
+            .as_ref()
+            .and_then(|d| self.rules.key_of(d).ok())
+            .map(|k| k.describe(&self.rules.business_key));
+        tracing::warn!(
+            collection = %self.name,
+            business_key = key.as_deref().unwrap_or("-"),
+            production_id = %c.prod_id,
+            operation = c.op.as_str(),
+            reason = %f.code,
+            "change not applied: {}; sent to the dead-letter queue",
+            f.message
+        );
+        self.ctx
+            .metrics
+            .dead_letters
+            .with_label_values(&[&self.name, &f.code])
+            .inc();
+        self.ctx
+            .dead_letters
+            .record(&self.name, key, c, f)
+            .await
+            .context("writing a dead letter")
+    }
+
+    /// Applies a batch, retrying failures of the whole request forever (logging an outage
+    /// once). `None` when stopping: the batch is abandoned (its position was never
+    /// checkpointed, so the next run reads it again).
+    pub async fn apply_with_retry(
+        &self,
+        changes: &[Change],
+        origin: Origin,
+        shutdown: &CancellationToken,
+    ) -> Option<BatchReport> {
+        let mut outage: Option<Instant> = None;
+        let attempt = || async {
+            let apply = self.apply_changes(changes, origin);
+            tokio::pin!(apply);
+            tokio::select! {
+                r = &mut apply => r.map(Some),
+                // Stopping: give the batch in flight a moment to finish, else abandon it.
+                _ = shutdown.cancelled() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut apply).await {
+                    Ok(r) => r.map(Some),
+                    Err(_) => Ok(None),
+                },
+            }
+        };
+        let observe = |e: &SyncError, backoff: &Backoff| {
+            self.ctx
+                .metrics
+                .retries
+                .with_label_values(&["staging"])
+                .inc();
+            if e.is_transient() {
+                if outage.is_none() {
+                    outage = Some(Instant::now());
+                    tracing::warn!(collection = %self.name, error = %e, "staging unavailable; retrying with backoff, nothing is skipped");
+                }
+            } else if backoff.attempts().is_multiple_of(10) {
+                tracing::error!(collection = %self.name, error = %e, "applying a batch failed; retrying");
+            }
+        };
+        // Anything that fails the whole request is retried: a batch is abandoned only when
+        // stopping.
+        match retry(
+            &RetryPolicy::default(),
+            shutdown,
+            attempt,
+            |_| true,
+            observe,
+        )
+        .await
+        {
+            Ok((Some(report), _)) => {
+                if let Some(since) = outage {
+                    tracing::info!(collection = %self.name, after_secs = since.elapsed().as_secs(), "staging is back; sync resumed");
+                }
+                Some(report)
+            }
+            Ok((None, _)) => {
+                tracing::warn!(collection = %self.name, changes = changes.len(), "stopping: the batch in flight is abandoned and will be read again from the checkpoint");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // checkpoint
+
+    /// Loads the checkpoint, waiting out a store outage. `None` when stopped meanwhile.
+    pub async fn load_checkpoint(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Checkpoint>> {
+        let load = || self.ctx.checkpoints.load(&self.name);
+        let said = |e: &SyncError, b: &Backoff| {
+            if b.attempts() == 0 {
+                tracing::warn!(collection = %self.name, error = %e, "cannot read the checkpoint; retrying");
+            }
+        };
+        match retry(
+            &RetryPolicy::default(),
+            shutdown,
+            load,
+            SyncError::is_transient,
+            said,
+        )
+        .await
+        {
+            Ok((cp, _)) => Ok(Some(cp.unwrap_or_default())),
+            Err(Gave::Stopped) => Ok(None),
+            Err(Gave::Up(e)) => Err(e),
+        }
+    }
+
+    /// Saves a checkpoint, retrying failures until it is saved (the position must not be
+    /// lost) — once stopping, for [`STOP_SAVE_GRACE`] at most (the next run then replays a
+    /// little more). True when saved.
+    pub async fn save_checkpoint(&self, cp: &Checkpoint, shutdown: &CancellationToken) -> bool {
+        let never = CancellationToken::new();
+        let mut backoff = RetryPolicy::default().backoff();
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            match self.ctx.checkpoints.save(&self.name, cp).await {
+                Ok(()) => {
+                    self.ctx
+                        .metrics
+                        .checkpoint_age_seconds
+                        .with_label_values(&[&self.name])
+                        .set(0);
+                    return true;
+                }
+                Err(e) => {
+                    if backoff.attempts() == 0 {
+                        tracing::warn!(collection = %self.name, error = %e, "cannot save the checkpoint; retrying");
+                    }
+                    if shutdown.is_cancelled() {
+                        let since = *stopping_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= STOP_SAVE_GRACE {
+                            tracing::warn!(collection = %self.name, error = %e, "stopping without saving the last checkpoint; the next run replays from the previous one");
+                            return false;
+                        }
+                    }
+                    // A stop during the pause ends it early, so the grace period starts.
+                    let stop = if shutdown.is_cancelled() {
+                        &never
+                    } else {
+                        shutdown
+                    };
+                    backoff.wait(stop).await;
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // source → … → checkpoint: the live loop
+
+    /// Follows the change stream from `start`, applying batches and checkpointing after them,
+    /// until `shutdown`.
+    pub async fn follow(&self, start: StartAt, shutdown: &CancellationToken) -> Result<()> {
+        let sync = &self.ctx.config.sync;
+        let settings = ReaderSettings {
+            batch_max_events: sync.batch_max_events,
+            batch_max_wait: Duration::from_millis(sync.batch_max_wait_ms),
+            idle_report: sync.checkpoint_interval,
+        };
+        // Two batches in flight at most: one being applied, one being read.
+        let (tx, mut rx) = mpsc::channel(2);
+        let reader_stop = shutdown.child_token();
+        let reader = tokio::spawn(stream::read(
+            self.source.clone(),
+            start,
+            self.masker.clone(),
+            settings,
+            tx,
+            reader_stop.clone(),
+            self.ctx.metrics.clone(),
+        ));
+        let mut pending: Option<Checkpoint> = None;
+        let mut last_save = Instant::now() - sync.checkpoint_interval;
+        let mut saved_once = false;
+        let result = loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                m = rx.recv() => m,
+            };
+            match message {
+                None => break Ok(()),
+                Some(ReaderMessage::Failed(e)) => break Err(e),
+                Some(ReaderMessage::Batch(batch)) => {
+                    if !batch.changes.is_empty()
+                        && self
+                            .apply_with_retry(&batch.changes, Origin::Stream, shutdown)
+                            .await
+                            .is_none()
+                    {
+                        break Ok(()); // stopping: this batch is abandoned, its position not saved
+                    }
+                    pending = Some(position_checkpoint(&batch, pending.take()));
+                    if !saved_once || last_save.elapsed() >= sync.checkpoint_interval {
+                        if let Some(cp) = pending.take() {
+                            self.save_checkpoint(&cp, shutdown).await;
+                            last_save = Instant::now();
+                            saved_once = true;
+                        }
+                    }
+                }
+            }
+        };
+        // Dropping the receiver frees a reader blocked on a full channel (staging behind).
+        drop(rx);
+        reader_stop.cancel();
+        let _ = reader.await;
+        if let Some(cp) = pending {
+            self.save_checkpoint(&cp, shutdown).await;
+        }
+        result
+    }
+}
+
+/// The checkpoint a fully applied batch allows.
+fn position_checkpoint(batch: &Batch, previous: Option<Checkpoint>) -> Checkpoint {
+    let previous = previous.unwrap_or_default();
+    let p = &batch.position;
+    Checkpoint {
+        token: p
+            .token
+            .as_ref()
+            .and_then(|t| mongodb::bson::to_bson(t).ok())
+            .or(previous.token),
+        cluster_time: p.cluster_time.or(previous.cluster_time),
+        wall_time: p.wall_time.or(previous.wall_time),
+        saved_at: None,
+        snapshot: None,
+    }
+}
+
+/// A staging write error code as a dead-letter reason.
+fn staging_code(code: i32) -> String {
+    match code {
+        11000 => "key_collision".into(),
+        10334 => "document_too_large".into(),
+        121 => "validation_failed".into(),
+        other => format!("staging_error_{other}"),
+    }
+}
