@@ -5,7 +5,9 @@
 
 mod mask;
 
-pub use mask::{MaskRule, Masker};
+/// The rule names belong to the configuration's vocabulary; re-exported here for the masker's users.
+pub use crate::config::MaskRule;
+pub use mask::Masker;
 
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document};
