@@ -62,9 +62,9 @@ pub fn free_port() -> std::io::Result<u16> {
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
     if low > 12000 {
-        let mut rng = rand::thread_rng();
+        let mut rng = rand::rng();
         for _ in 0..200 {
-            let port = rand::Rng::gen_range(&mut rng, 10000..low);
+            let port = rand::Rng::random_range(&mut rng, 10000..low);
             if TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return Ok(port);
             }

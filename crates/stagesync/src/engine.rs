@@ -13,10 +13,10 @@ use crate::plan::Rules;
 use crate::retry::{retry, Gave, RetryPolicy};
 use crate::source::stream::StartAt;
 
-/// How long `run` waits for servers and stores unreachable at start before giving up.
-/// TODO(config): `sync.startup_timeout` once the config carries it.
-pub fn startup_timeout(_ctx: &Context) -> Duration {
-    Duration::from_secs(600)
+/// How long `run` waits for servers and stores unreachable at start before giving up
+/// (`sync.startup_timeout`).
+pub fn startup_timeout(ctx: &Context) -> Duration {
+    ctx.config.sync.startup_timeout
 }
 
 /// Runs every configured collection until `shutdown`; the first collection that cannot go on

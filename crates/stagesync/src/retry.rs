@@ -181,7 +181,7 @@ impl Backoff {
             return ceiling;
         }
         let half = ceiling / 2;
-        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+        half + rand::rng().random_range(Duration::ZERO..=half)
     }
 
     /// Records a failure and pauses before the next attempt, unless stopping or past the

@@ -47,8 +47,16 @@ fn help_and_version_describe_every_subcommand() {
     // Developer tools live in xtask, not in the binary users run.
     assert!(!help.contains("bench") && !help.contains("demo"), "{help}");
     // The exit codes are documented where users look for them.
-    for code in ["0  success", "1  the command ran and found a problem", "2  bad usage or configuration", "3  a runtime failure"] {
-        assert!(help.contains(code), "--help documents exit code `{code}`: {help}");
+    for code in [
+        "0  success",
+        "1  the command ran and found a problem",
+        "2  bad usage or configuration",
+        "3  a runtime failure",
+    ] {
+        assert!(
+            help.contains(code),
+            "--help documents exit code `{code}`: {help}"
+        );
     }
     let version = text(&stagesync(&["--version"], None));
     assert!(version.starts_with("stagesync ") && version.contains(env!("CARGO_PKG_VERSION")));

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use mongodb::bson::{Bson, Document};
 use sha2::Sha256;
 
@@ -189,7 +189,7 @@ impl Masker {
 }
 
 fn keyed_mac(key: &[u8]) -> HmacSha256 {
-    <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length")
+    <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC accepts keys of any length")
 }
 
 /// One segment of a rule path.
@@ -737,7 +737,7 @@ mod tests {
         let m = masker(&[("ssn", "hash")]);
         let d = masked(&m, doc! { "ssn": "123-45-6789", "other": "123-45-6789" });
         let got = string(d.get("ssn").unwrap());
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(KEY.as_bytes()).unwrap();
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(KEY.as_bytes()).unwrap();
         mac.update(b"hash\x00123-45-6789");
         assert_eq!(got, hex::encode(mac.finalize().into_bytes()));
         assert!(is_hex64(got));
@@ -762,7 +762,7 @@ mod tests {
         assert!(!got.contains("ann"));
 
         // Token = "u" + the first 16 hex chars of HMAC("email\0" + lowercased address).
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(KEY.as_bytes()).unwrap();
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(KEY.as_bytes()).unwrap();
         mac.update(b"email\0ann.lee+promo@example.org");
         let token = &hex::encode(mac.finalize().into_bytes())[..16];
         assert_eq!(got, format!("u{token}@staging.test"));
@@ -1571,7 +1571,7 @@ mod tests {
         // Config forbids rules without `[masking]`; if it happens anyway, values are still keyed.
         let m = Masker::new(None, &rules(&[("h", "hash")]));
         let got = mask_one(&m, "h", Bson::from("123"));
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(b"").unwrap();
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(b"").unwrap();
         mac.update(b"hash\x00123");
         assert!(is_hex64(string(&got)));
         assert_ne!(string(&got), hex::encode(mac.finalize().into_bytes()));
