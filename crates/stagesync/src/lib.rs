@@ -30,5 +30,6 @@ pub mod retry;
 pub mod snapshot;
 pub mod source;
 pub mod status;
+pub mod throttle;
 pub mod transform;
 pub mod verify;

@@ -12,6 +12,7 @@
 //! the same lookup → plan → apply path, so the rules are the same whichever way a document
 //! arrives. What happens around it — snapshot or stream, history lost — is [`crate::engine`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -29,6 +30,7 @@ use crate::plan::{plan_batch, Failed, Outcome, Rules, Skip};
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
 use crate::source::stream::{self, Batch, ReaderMessage, ReaderSettings, StartAt};
+use crate::throttle::{LogThrottle, Verdict};
 use crate::transform::Masker;
 
 /// How long a stopping run lets the batch in flight finish before abandoning it (`run` must
@@ -68,8 +70,13 @@ pub struct Pipeline {
     pub applier: Applier,
     pub source: Collection<Document>,
     pub staging: Collection<Document>,
+    /// Per-change warnings (dead letters) are throttled: a poison burst logs a few lines.
+    warnings: Arc<LogThrottle>,
     ctx: Context,
 }
+
+/// Dead-letter warnings logged per minute and collection before they are only counted.
+const WARNINGS_PER_MINUTE: u32 = 20;
 
 impl Pipeline {
     pub fn new(ctx: &Context, c: &CollectionConfig) -> Pipeline {
@@ -88,6 +95,10 @@ impl Pipeline {
             ),
             source: ctx.prod_db.collection(&c.name),
             staging: ctx.staging_db.collection(c.target_name()),
+            warnings: Arc::new(LogThrottle::new(
+                WARNINGS_PER_MINUTE,
+                Duration::from_secs(60),
+            )),
             ctx: ctx.clone(),
         }
     }
@@ -165,6 +176,9 @@ impl Pipeline {
             }
         }
         metrics.batch_size.observe(changes.len() as f64);
+        if let Some(suppressed) = self.warnings.take_due_summary(Instant::now()) {
+            self.summarise_suppressed(suppressed);
+        }
         report.outcomes = outcomes;
         Ok(report)
     }
@@ -236,15 +250,18 @@ impl Pipeline {
             .as_ref()
             .and_then(|d| self.rules.key_of(d).ok())
             .map(|k| k.describe(&self.rules.business_key));
-        tracing::warn!(
-            collection = %self.name,
-            business_key = key.as_deref().unwrap_or("-"),
-            production_id = %c.prod_id,
-            operation = c.op.as_str(),
-            reason = %f.code,
-            "change not applied: {}; sent to the dead-letter queue",
-            f.message
-        );
+        if let Verdict::Log { suppressed } = self.warnings.admit(Instant::now()) {
+            self.summarise_suppressed(suppressed);
+            tracing::warn!(
+                collection = %self.name,
+                business_key = key.as_deref().unwrap_or("-"),
+                production_id = %c.prod_id,
+                operation = c.op.as_str(),
+                reason = %f.code,
+                "change not applied: {}; sent to the dead-letter queue",
+                f.message
+            );
+        }
         self.ctx
             .metrics
             .dead_letters
@@ -255,6 +272,12 @@ impl Pipeline {
             .record(&self.name, key, c, f)
             .await
             .context("writing a dead letter")
+    }
+
+    fn summarise_suppressed(&self, suppressed: u64) {
+        if suppressed > 0 {
+            tracing::warn!(collection = %self.name, suppressed, "{suppressed} more changes were sent to the dead-letter queue in the last minute (not logged one by one; see `stagesync dlq list` and stagesync_dead_letters_total)");
+        }
     }
 
     /// Applies a batch, retrying failures of the whole request forever (logging an outage
