@@ -56,7 +56,7 @@ pub enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
-        /// Serve Prometheus metrics at /metrics and a health check at /healthz.
+        /// Serve /livez (alias /healthz), /readyz, Prometheus /metrics and /status on ADDR.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<SocketAddr>,
     },
@@ -280,14 +280,21 @@ async fn run(config: Arc<Config>, metrics_addr: Option<SocketAddr>) -> Result<i3
     let ctx = Context::connect(config.clone()).await?;
     let shutdown = CancellationToken::new();
     stop_on_signals(shutdown.clone());
-    let _server = match metrics_addr {
-        Some(addr) => Some(
-            ctx.metrics
-                .clone()
-                .serve(addr)
+    // Stopped after the engine, so probes keep answering while it finishes.
+    let telemetry_stop = CancellationToken::new();
+    let server = match metrics_addr {
+        Some(addr) => {
+            let status_ctx = ctx.clone();
+            let status: crate::telemetry::StatusProvider = Arc::new(move || {
+                let ctx = status_ctx.clone();
+                Box::pin(async move { status_json(&ctx).await.map_err(|e| e.message) })
+            });
+            let state = crate::telemetry::TelemetryState::new(ctx.metrics.clone(), status);
+            let (_, task) = crate::telemetry::serve(addr, state, telemetry_stop.clone())
                 .await
-                .map_err(|e| Exit::usage(format!("cannot serve metrics on {addr}: {e}")))?,
-        ),
+                .map_err(|e| Exit::usage(format!("cannot serve metrics on {addr}: {e}")))?;
+            Some(task)
+        }
         None => None,
     };
     tracing::info!(
@@ -297,7 +304,12 @@ async fn run(config: Arc<Config>, metrics_addr: Option<SocketAddr>) -> Result<i3
         config.source.database,
         config.target.database
     );
-    match engine::run(ctx, shutdown).await {
+    let result = engine::run(ctx, shutdown).await;
+    telemetry_stop.cancel();
+    if let Some(task) = server {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
+    match result {
         Ok(()) => {
             tracing::info!("stopped cleanly");
             Ok(0)
@@ -565,11 +577,11 @@ async fn dlq(action: DlqAction) -> Result<i32, Exit> {
     }
 }
 
-async fn status(config: Arc<Config>, json: bool) -> Result<i32, Exit> {
-    let ctx = Context::connect(config.clone()).await?;
+/// The JSON of `status --json` (also served at `/status` by `run --metrics-addr`).
+async fn status_json(ctx: &Context) -> Result<serde_json::Value, Exit> {
     let now = mongodb::bson::DateTime::now();
     let mut rows = Vec::new();
-    for c in &config.collections {
+    for c in &ctx.config.collections {
         let cp = ctx
             .checkpoints
             .load(&c.name)
@@ -599,6 +611,13 @@ async fn status(config: Arc<Config>, json: bool) -> Result<i32, Exit> {
             "dead_letters": dead,
         }));
     }
+    Ok(serde_json::Value::Array(rows))
+}
+
+async fn status(config: Arc<Config>, json: bool) -> Result<i32, Exit> {
+    let ctx = Context::connect(config.clone()).await?;
+    let rows = status_json(&ctx).await?;
+    let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
     if json {
         println!(
             "{}",
@@ -609,7 +628,7 @@ async fn status(config: Arc<Config>, json: bool) -> Result<i32, Exit> {
             "{:<20} {:<26} {:>10} {:>12}",
             "collection", "checkpoint time", "lag (s)", "dead letters"
         );
-        for r in &rows {
+        for r in rows {
             println!(
                 "{:<20} {:<26} {:>10} {:>12}{}",
                 r["collection"].as_str().unwrap_or(""),

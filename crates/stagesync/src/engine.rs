@@ -127,6 +127,10 @@ impl Context {
             .max_writes_per_second
             .and_then(WriteLimiter::new);
         let snapshot_concurrency = config.sync.snapshot_concurrency;
+        let metrics = Arc::new(Metrics::new(crate::health::Health::new(
+            config.collections.iter().map(|c| c.name.clone()),
+            crate::health::DEFAULT_STALL_AFTER,
+        )));
         Ok(Context {
             config,
             prod,
@@ -136,7 +140,7 @@ impl Context {
             meta_db,
             checkpoints,
             dead_letters,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             limiter,
             snapshot_slots: Arc::new(tokio::sync::Semaphore::new(snapshot_concurrency)),
         })
@@ -254,22 +258,10 @@ impl CollectionSync {
         }
         let mut report = BatchReport::default();
         for (c, outcome) in changes.iter().zip(&outcomes) {
-            let labels = |stage: &str, reason: &str| {
-                [
-                    self.name.clone(),
-                    c.op.as_str().to_string(),
-                    stage.to_string(),
-                    reason.to_string(),
-                ]
-            };
             match outcome {
                 Outcome::Applied => {
                     report.applied += 1;
-                    self.ctx
-                        .metrics
-                        .changes
-                        .with_label_values(&labels("applied", ""))
-                        .inc();
+                    self.ctx.metrics.applied(&self.name, c.op.as_str());
                     if let (Origin::Stream, Some(w)) = (origin, c.wall_time) {
                         let lag = (DateTime::now().timestamp_millis() - w.timestamp_millis()).max(0)
                             as f64
@@ -285,9 +277,7 @@ impl CollectionSync {
                     report.skipped += 1;
                     self.ctx
                         .metrics
-                        .changes
-                        .with_label_values(&labels("skipped", s.as_str()))
-                        .inc();
+                        .skipped(&self.name, c.op.as_str(), s.as_str());
                     if *s == Skip::StagingNewer {
                         self.ctx
                             .metrics
@@ -299,11 +289,6 @@ impl CollectionSync {
                 }
                 Outcome::Failed(f) => {
                     report.failed += 1;
-                    self.ctx
-                        .metrics
-                        .changes
-                        .with_label_values(&labels("failed", &f.code))
-                        .inc();
                     if origin != Origin::Replay {
                         self.dead_letter(c, f).await?;
                     }
@@ -378,12 +363,11 @@ impl CollectionSync {
             "change not applied: {}; sent to the dead-letter queue",
             f.message
         );
+        self.ctx.dead_letters.record(&self.name, key, c, f).await?;
         self.ctx
             .metrics
-            .dead_letters
-            .with_label_values(&[&self.name, &f.code])
-            .inc();
-        self.ctx.dead_letters.record(&self.name, key, c, f).await
+            .dead_lettered(&self.name, c.op.as_str(), &f.code);
+        Ok(())
     }
 
     /// Applies a batch, retrying transient failures forever (logging the outage once).
@@ -521,11 +505,7 @@ impl CollectionSync {
         loop {
             match self.ctx.checkpoints.save(&self.name, cp).await {
                 Ok(()) => {
-                    self.ctx
-                        .metrics
-                        .checkpoint_age_seconds
-                        .with_label_values(&[&self.name])
-                        .set(0);
+                    self.ctx.metrics.checkpoint_saved(&self.name);
                     return true;
                 }
                 Err(e) => {

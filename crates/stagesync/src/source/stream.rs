@@ -176,10 +176,7 @@ pub async fn read(
                             if changes.is_empty() {
                                 batch_started = Instant::now();
                             }
-                            metrics
-                                .changes
-                                .with_label_values(&[&name, c.op.as_str(), "read", ""])
-                                .inc();
+                            metrics.read(&name, c.op.as_str());
                             changes.push(*c);
                         }
                         Event::Ddl { op } => {
