@@ -1076,16 +1076,12 @@ impl Product {
         Ok(parse_metrics(&text))
     }
 
-    /// Changes the product has finished with (applied, skipped or failed).
+    /// Changes the product has finished with (applied, skipped or dead-lettered).
     async fn processed(&self) -> Option<u64> {
         let samples = self.metrics().await.ok()?;
-        let total: f64 = samples
+        let total: f64 = [APPLIED, SKIPPED, DEAD_LETTERED]
             .iter()
-            .filter(|s| {
-                s.name == "stagesync_changes_total"
-                    && s.label("stage").is_some_and(|st| st != "read")
-            })
-            .map(|s| s.value)
+            .map(|family| metric_sum(&samples, family))
             .sum();
         Some(total as u64)
     }
@@ -2613,15 +2609,15 @@ impl Report<'_> {
             )?,
             None => writeln!(md, "  Staging was NOT in sync: {}.", b.detail)?,
         }
-        let applied = metric_by_stage(&b.metrics, "applied");
-        let skipped = metric_by_stage(&b.metrics, "skipped");
-        let failed = metric_by_stage(&b.metrics, "failed");
+        let applied = metric_sum(&b.metrics, APPLIED);
+        let skipped = metric_sum(&b.metrics, SKIPPED);
+        let dead_lettered = metric_sum(&b.metrics, DEAD_LETTERED);
         let batches = metric_sum(&b.metrics, "stagesync_batch_size_count");
         let batch_sum = metric_sum(&b.metrics, "stagesync_batch_size_sum");
         if batches > 0.0 {
             writeln!(
                 md,
-                "  stagesync's own counters: {applied:.0} applied, {skipped:.0} skipped, {failed:.0} failed, in {batches:.0} batches \
+                "  stagesync's own counters: {applied:.0} applied, {skipped:.0} skipped, {dead_lettered:.0} dead-lettered, in {batches:.0} batches \
                  (mean {:.0} changes per batch).",
                 batch_sum / batches
             )?;
@@ -2947,14 +2943,10 @@ fn kept_notes(old: &str) -> Option<String> {
     Some(old[start..end].to_string())
 }
 
-fn metric_by_stage(samples: &[Sample], stage: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == "stagesync_changes_total" && s.label("stage") == Some(stage))
-        .map(|s| s.value)
-        .sum::<f64>()
-        + 0.0 // an empty sum is -0.0
-}
+// The product's counter families, one per stage.
+const APPLIED: &str = "stagesync_changes_applied_total";
+const SKIPPED: &str = "stagesync_changes_skipped_total";
+const DEAD_LETTERED: &str = "stagesync_changes_dead_lettered_total";
 
 fn cpu_summary(cpu: &CpuUse) -> String {
     let mut parts: Vec<String> = cpu
@@ -3081,9 +3073,9 @@ mod tests {
 
     #[test]
     fn parses_prometheus_samples() {
-        let s = parse_sample(r#"stagesync_changes_total{collection="orders",operation="insert",reason="",stage="applied"} 42"#).unwrap();
-        assert_eq!(s.name, "stagesync_changes_total");
-        assert_eq!(s.label("stage"), Some("applied"));
+        let s = parse_sample(r#"stagesync_changes_skipped_total{collection="orders",operation="insert",reason=""} 42"#).unwrap();
+        assert_eq!(s.name, SKIPPED);
+        assert_eq!(s.label("operation"), Some("insert"));
         assert_eq!(s.label("reason"), Some(""));
         assert_eq!(s.value, 42.0);
         let s = parse_sample(r#"stagesync_lag_seconds_bucket{collection="orders",le="+Inf"} 7"#)

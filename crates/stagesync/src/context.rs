@@ -13,6 +13,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::{CollectionConfig, Config};
 use crate::deadletter::DeadLetters;
 use crate::error::{MongoContext, Result, SyncError};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::retry::{retry, Gave, RetryPolicy};
@@ -72,6 +73,10 @@ impl Context {
             .max_writes_per_second
             .and_then(WriteLimiter::new);
         let snapshot_concurrency = config.sync.snapshot_concurrency;
+        let metrics = Arc::new(Metrics::new(Health::new(
+            config.collections.iter().map(|c| c.name.clone()),
+            config.sync.stall_after,
+        )));
         Ok(Context {
             config,
             prod,
@@ -81,7 +86,7 @@ impl Context {
             meta_db,
             checkpoints,
             dead_letters,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             limiter,
             snapshot_slots: Arc::new(tokio::sync::Semaphore::new(snapshot_concurrency)),
         })
@@ -112,9 +117,24 @@ impl Context {
                     tracing::warn!(error = %e, "{label} is not reachable; retrying for up to {deadline:?}");
                 }
             };
+            let health = self.metrics.health();
+            let said = |e: &SyncError, b: &crate::retry::Backoff| {
+                match label {
+                    "production" => health.production_unreachable(),
+                    _ => health.staging_unreachable(),
+                }
+                said(e, b)
+            };
             match retry(&policy, shutdown, ping, SyncError::is_transient, said).await {
-                Ok((_, failures)) if failures > 0 => tracing::info!("{label} is reachable again"),
-                Ok(_) => {}
+                Ok((_, failures)) => {
+                    match label {
+                        "production" => health.production_reachable(),
+                        _ => health.staging_reachable(),
+                    }
+                    if failures > 0 {
+                        tracing::info!("{label} is reachable again");
+                    }
+                }
                 Err(Gave::Stopped) => return Ok(false),
                 Err(Gave::Up(e)) if e.is_transient() => {
                     return Err(SyncError::Unreachable {

@@ -11,7 +11,7 @@
 //!   copies a collection and hands off to the stream, [`verify`] and [`replay`] reuse the
 //!   pipeline's merge path;
 //! - [`context`] holds the connections, [`error`] the one error type, [`retry`] the one retry
-//!   policy, [`metrics`] and [`status`] what an operator sees; [`cli`] is the command line on
+//!   policy, [`health`], [`metrics`], [`status`] and [`telemetry`] what an operator sees; [`cli`] is the command line on
 //!   top (the only module using `anyhow`).
 
 pub mod apply;
@@ -22,6 +22,7 @@ pub mod context;
 pub mod deadletter;
 pub mod engine;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
@@ -30,6 +31,7 @@ pub mod retry;
 pub mod snapshot;
 pub mod source;
 pub mod status;
+pub mod telemetry;
 pub mod throttle;
 pub mod transform;
 pub mod verify;

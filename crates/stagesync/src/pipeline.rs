@@ -26,6 +26,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::CollectionConfig;
 use crate::context::Context;
 use crate::error::{MongoContext, Result, SyncError};
+use crate::metrics::Side;
 use crate::plan::{plan_batch, Failed, Outcome, Rules, Skip};
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
@@ -127,55 +128,32 @@ impl Pipeline {
         let metrics = &self.ctx.metrics;
         let mut report = BatchReport::default();
         for (c, outcome) in changes.iter().zip(&outcomes) {
-            let labels = |stage: &str, reason: &str| {
-                [
-                    self.name.clone(),
-                    c.op.as_str().to_string(),
-                    stage.to_string(),
-                    reason.to_string(),
-                ]
-            };
             match outcome {
                 Outcome::Applied => {
                     report.applied += 1;
-                    metrics
-                        .changes
-                        .with_label_values(&labels("applied", ""))
-                        .inc();
-                    if let (Origin::Stream, Some(w)) = (origin, c.wall_time) {
-                        let lag = (DateTime::now().timestamp_millis() - w.timestamp_millis()).max(0)
-                            as f64
-                            / 1000.0;
-                        metrics
-                            .lag_seconds
-                            .with_label_values(&[&self.name])
-                            .observe(lag);
+                    metrics.applied(&self.name, c.op.as_str());
+                    if origin == Origin::Stream {
+                        // Production's cluster time of the change → staging acknowledged it.
+                        metrics.lag_since_cluster_time(&self.name, c.cluster_time);
                     }
                 }
                 Outcome::Skipped(s) => {
                     report.skipped += 1;
-                    metrics
-                        .changes
-                        .with_label_values(&labels("skipped", s.as_str()))
-                        .inc();
+                    metrics.skipped(&self.name, c.op.as_str(), s.as_str());
                     if *s == Skip::StagingNewer {
-                        metrics.conflicts.with_label_values(&[&self.name]).inc();
+                        metrics.conflict(&self.name);
                         tracing::info!(collection = %self.name, production_id = %c.prod_id, "last-write-wins: staging's edit is newer; kept");
                     }
                 }
                 Outcome::Failed(f) => {
                     report.failed += 1;
-                    metrics
-                        .changes
-                        .with_label_values(&labels("failed", &f.code))
-                        .inc();
                     if origin != Origin::Replay {
                         self.dead_letter(c, f).await?;
                     }
                 }
             }
         }
-        metrics.batch_size.observe(changes.len() as f64);
+        metrics.batch(changes.len());
         if let Some(suppressed) = self.warnings.take_due_summary(Instant::now()) {
             self.summarise_suppressed(suppressed);
         }
@@ -263,15 +241,15 @@ impl Pipeline {
             );
         }
         self.ctx
-            .metrics
-            .dead_letters
-            .with_label_values(&[&self.name, &f.code])
-            .inc();
-        self.ctx
             .dead_letters
             .record(&self.name, key, c, f)
             .await
-            .context("writing a dead letter")
+            .context("writing a dead letter")?;
+        // Counted once stored: the metric never claims an entry the queue does not hold.
+        self.ctx
+            .metrics
+            .dead_lettered(&self.name, c.op.as_str(), &f.code);
+        Ok(())
     }
 
     fn summarise_suppressed(&self, suppressed: u64) {
@@ -302,15 +280,13 @@ impl Pipeline {
                 },
             }
         };
+        let health = self.ctx.metrics.health();
         let observe = |e: &SyncError, backoff: &Backoff| {
-            self.ctx
-                .metrics
-                .retries
-                .with_label_values(&["staging"])
-                .inc();
+            self.ctx.metrics.retry(Side::Staging);
             if e.is_transient() {
                 if outage.is_none() {
                     outage = Some(Instant::now());
+                    health.staging_unreachable();
                     tracing::warn!(collection = %self.name, error = %e, "staging unavailable; retrying with backoff, nothing is skipped");
                 }
             } else if backoff.attempts().is_multiple_of(10) {
@@ -330,6 +306,7 @@ impl Pipeline {
         {
             Ok((Some(report), _)) => {
                 if let Some(since) = outage {
+                    health.staging_reachable();
                     tracing::info!(collection = %self.name, after_secs = since.elapsed().as_secs(), "staging is back; sync resumed");
                 }
                 Some(report)
@@ -381,14 +358,14 @@ impl Pipeline {
         loop {
             match self.ctx.checkpoints.save(&self.name, cp).await {
                 Ok(()) => {
-                    self.ctx
-                        .metrics
-                        .checkpoint_age_seconds
-                        .with_label_values(&[&self.name])
-                        .set(0);
+                    self.ctx.metrics.checkpoint_saved(&self.name);
                     return true;
                 }
                 Err(e) => {
+                    self.ctx
+                        .metrics
+                        .health()
+                        .checkpoint_save_failed(&self.name, &e.to_string());
                     if backoff.attempts() == 0 {
                         tracing::warn!(collection = %self.name, error = %e, "cannot save the checkpoint; retrying");
                     }
@@ -435,6 +412,7 @@ impl Pipeline {
             reader_stop.clone(),
             self.ctx.metrics.clone(),
         ));
+        let health = self.ctx.metrics.health().clone();
         let mut pending: Option<Checkpoint> = None;
         let mut last_save = Instant::now() - sync.checkpoint_interval;
         let mut saved_once = false;
@@ -455,6 +433,8 @@ impl Pipeline {
                     {
                         break Ok(()); // stopping: this batch is abandoned, its position not saved
                     }
+                    // Applied, or an empty batch: the stream confirmed it is idle.
+                    health.progress(&self.name);
                     pending = Some(position_checkpoint(&batch, pending.take()));
                     if !saved_once || last_save.elapsed() >= sync.checkpoint_interval {
                         if let Some(cp) = pending.take() {
@@ -466,6 +446,13 @@ impl Pipeline {
                 }
             }
         };
+        health.stream_closed(
+            &self.name,
+            match &result {
+                Ok(()) => "stopping",
+                Err(_) => "the stream failed",
+            },
+        );
         // Dropping the receiver frees a reader blocked on a full channel (staging behind).
         drop(rx);
         reader_stop.cancel();

@@ -51,6 +51,8 @@ pub async fn snapshot_collection(
     save_progress(cs, read_time, &last_id, copied, shutdown).await;
     let total = cs.source.estimated_document_count().await.unwrap_or(0);
     let progress = Progress::new(&cs.name, total, copied);
+    let health = cs.context().metrics.health().clone();
+    health.snapshot_started(&cs.name);
 
     let (tx, mut rx) = mpsc::channel::<Result<Vec<Change>>>(2);
     let reader = tokio::spawn(scan::read_documents(
@@ -76,9 +78,11 @@ pub async fn snapshot_collection(
         copied += changes.len() as u64;
         last_id = changes.last().map(|c| c.prod_id.clone());
         progress.set(copied);
+        health.snapshot_progress(&cs.name);
         save_progress(cs, read_time, &last_id, copied, shutdown).await;
     }
     reader.abort();
+    health.snapshot_finished(&cs.name);
     if stopped || shutdown.is_cancelled() {
         progress.abandon();
         return Ok(None);

@@ -155,7 +155,12 @@ async fn check_fails_when_production_is_not_a_replica_set() {
 fn http_get(port: u16, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    // HTTP/1.1 keeps the connection open unless asked not to; this reads to the end.
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body
@@ -182,7 +187,8 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
     .await;
     let logged = run.log_text();
     assert!(
-        logged.contains("serving /metrics and /healthz") && logged.contains(&addr),
+        logged.contains("telemetry: serving /livez /healthz /readyz /metrics /status")
+            && logged.contains(&addr),
         "{logged}"
     );
     let prod = pair.prod().await.collection::<Document>("orders");
@@ -198,7 +204,9 @@ async fn run_serves_metrics_and_health_and_status_reports_each_collection() {
     assert!(http_get(port, "/healthz").contains("200 OK"));
     let metrics = http_get(port, "/metrics");
     assert!(
-        metrics.contains(r#"stagesync_changes_total{collection="orders",operation="insert",reason="",stage="applied"} 1"#),
+        metrics.contains(
+            r#"stagesync_changes_applied_total{collection="orders",operation="insert"} 1"#
+        ),
         "{metrics}"
     );
     assert!(

@@ -126,8 +126,8 @@ async fn redis_checkpoints_resume_where_the_last_run_stopped() {
     let applied_inserts = engine
         .ctx
         .metrics
-        .changes
-        .with_label_values(&["orders", "insert", "applied", ""])
+        .changes_applied
+        .with_label_values(&["orders", "insert"])
         .get();
     assert_eq!(
         applied_inserts, 1,

@@ -579,10 +579,16 @@ fn minus(a: &[Row], b: &[Row]) -> Vec<Row> {
         .collect()
 }
 
-/// Changes the engine has finished with (applied, skipped or failed) for `operation`.
+/// Changes the engine has finished with (applied, skipped or dead-lettered) for `operation`.
 fn outcomes(engine: &Engine, operation: &str) -> u64 {
     let mut n = 0;
-    for family in engine.ctx.metrics.changes.collect() {
+    let m = &engine.ctx.metrics;
+    let families = [
+        m.changes_applied.collect(),
+        m.changes_skipped.collect(),
+        m.changes_dead_lettered.collect(),
+    ];
+    for family in families.iter().flatten() {
         for m in family.get_metric() {
             let label = |name: &str| {
                 m.get_label()
@@ -591,7 +597,7 @@ fn outcomes(engine: &Engine, operation: &str) -> u64 {
                     .map(|l| l.value().to_string())
                     .unwrap_or_default()
             };
-            if label("operation") == operation && label("stage") != "read" {
+            if label("operation") == operation {
                 n += m.get_counter().get_value() as u64;
             }
         }

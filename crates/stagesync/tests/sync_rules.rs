@@ -496,8 +496,8 @@ async fn replaying_the_stream_from_an_old_checkpoint_changes_nothing() {
     let replayed_inserts = again
         .ctx
         .metrics
-        .changes
-        .with_label_values(&["orders", "insert", "skipped", "stale"])
+        .changes_skipped
+        .with_label_values(&["orders", "insert", "stale"])
         .get();
     assert_eq!(
         replayed_inserts, 21,

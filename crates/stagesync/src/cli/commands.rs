@@ -110,14 +110,28 @@ async fn run(config: Arc<Config>, metrics_addr: Option<SocketAddr>) -> anyhow::R
     with_context(config.clone(), |ctx| async move {
         let shutdown = CancellationToken::new();
         stop_on_signals(shutdown.clone());
-        let _server = match metrics_addr {
-            Some(addr) => Some(
-                ctx.metrics
-                    .clone()
-                    .serve(addr)
+        // Stopped after the engine, so probes keep answering while it finishes.
+        let telemetry_stop = CancellationToken::new();
+        let server = match metrics_addr {
+            Some(addr) => {
+                let status_ctx = ctx.clone();
+                let status: crate::telemetry::StatusProvider = Arc::new(move || {
+                    let ctx = status_ctx.clone();
+                    Box::pin(async move {
+                        crate::status::collect(&ctx)
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|rows| serde_json::to_value(rows).map_err(|e| e.to_string()))
+                    })
+                });
+                let state = crate::telemetry::TelemetryState::new(ctx.metrics.clone(), status);
+                let (_, task) = crate::telemetry::serve(addr, state, telemetry_stop.clone())
                     .await
-                    .map_err(|e| UsageError(format!("cannot serve metrics on {addr}: {e}")))?,
-            ),
+                    .map_err(|e| {
+                        UsageError(format!("--metrics-addr {addr}: cannot serve there: {e}"))
+                    })?;
+                Some(task)
+            }
             None => None,
         };
         tracing::info!(
@@ -127,7 +141,12 @@ async fn run(config: Arc<Config>, metrics_addr: Option<SocketAddr>) -> anyhow::R
             config.source.database,
             config.target.database
         );
-        engine::run(ctx, shutdown).await?;
+        let result = engine::run(ctx, shutdown).await;
+        telemetry_stop.cancel();
+        if let Some(task) = server {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+        }
+        result?;
         tracing::info!("stopped cleanly");
         Ok(EXIT_OK)
     })

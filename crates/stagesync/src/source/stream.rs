@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::change::{convert, Change, Event};
 use crate::error::{ErrorKind, SyncError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Side};
 use crate::retry::{classify, RetryPolicy, Wait};
 use crate::transform::Masker;
 
@@ -142,6 +142,8 @@ pub async fn read(
             }
         };
         first_open = false;
+        metrics.health().stream_opened(&name);
+        metrics.health().production_reachable();
         if let Some(since) = outage.take() {
             tracing::info!(collection = %name, after_secs = since.elapsed().as_secs(), "production change stream is back");
         }
@@ -184,15 +186,12 @@ pub async fn read(
                             if changes.is_empty() {
                                 batch_started = Instant::now();
                             }
-                            metrics
-                                .changes
-                                .with_label_values(&[&name, c.op.as_str(), "read", ""])
-                                .inc();
+                            metrics.read(&name, c.op.as_str());
                             changes.push(*c);
                         }
                         Event::Ddl { op } => {
                             tracing::warn!(collection = %name, operation = %op, "production collection changed shape; staging data is kept as it is");
-                            metrics.ddl_events.with_label_values(&[&name, &op]).inc();
+                            metrics.ddl_event(&name, &op);
                         }
                         Event::Ignored { op } => {
                             tracing::debug!(collection = %name, operation = %op, "event ignored")
@@ -279,7 +278,10 @@ fn note_outage(
     e: &mongodb::error::Error,
     metrics: &Metrics,
 ) {
-    metrics.retries.with_label_values(&["production"]).inc();
+    metrics.retry(Side::Production);
+    metrics
+        .health()
+        .stream_closed(name, "production change stream unavailable");
     if outage.is_none() {
         *outage = Some(Instant::now());
         tracing::warn!(collection = %name, error = %e, "production change stream unavailable; retrying with backoff until it is back");
