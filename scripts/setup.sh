@@ -32,6 +32,8 @@ fi
 
 if [ "${STAGESYNC_NATIVE_SERVER:-0}" = 1 ] && [ ! -x .tools/bin/secantusd-rs ]; then
   echo "setup: building secantusd-rs $SECANTUS_RS_VERSION into .tools/bin (a few minutes)"
-  cargo install -q secantus-mdb --version "$SECANTUS_RS_VERSION" --ignore-rust-version --root .tools
+  # A build cache outside the checkout: a second clone on the same machine reuses it.
+  cargo install -q secantus-mdb --version "$SECANTUS_RS_VERSION" --ignore-rust-version --root .tools \
+    --target-dir "${STAGESYNC_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stagesync/secantus-build}"
 fi
 echo "setup: ready"

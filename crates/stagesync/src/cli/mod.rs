@@ -161,6 +161,7 @@ pub enum DlqAction {
 
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
+    record_panics();
     let cli = Cli::parse();
     if let Err(e) = logging::init(cli.log_format, &cli.log_level) {
         eprintln!("error: {e}");
@@ -187,6 +188,34 @@ pub fn main() -> i32 {
     // shut down by its command.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     code
+}
+
+/// With `STAGESYNC_PANIC_LOG=FILE`, every panic of this process (any thread, including the
+/// driver's background tasks) is also appended to FILE. CI sets it for the whole test run and
+/// fails when the file is not empty, so a panic at teardown is caught the first time it
+/// happens rather than when it happens to break a test's output.
+fn record_panics() {
+    let Some(path) = std::env::var_os("STAGESYNC_PANIC_LOG") else {
+        return;
+    };
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let _ = writeln!(
+                f,
+                "stagesync (pid {}, args: {}) panicked: {info}",
+                std::process::id(),
+                args.join(" ")
+            );
+        }
+        previous(info);
+    }));
 }
 
 /// A mistake in how the command was called (an unknown collection, a malformed id): exit 2.
