@@ -102,13 +102,26 @@ struct RedisBackend {
 #[cfg(feature = "redis")]
 impl RedisBackend {
     async fn connection(&self) -> Result<redis::aio::ConnectionManager> {
+        // The manager reconnects by itself after the server restarts; its own retries are kept
+        // short (our retry policy decides how long to keep trying), and the first connection
+        // is bounded so a dead server fails fast instead of hanging the caller.
+        const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(std::time::Duration::from_secs(5))
-            .set_response_timeout(std::time::Duration::from_secs(5))
-            .set_number_of_retries(2);
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(CONNECT_TIMEOUT)
+            .set_number_of_retries(1)
+            .set_max_delay(1000);
         self.conn
-            .get_or_try_init(|| {
-                redis::aio::ConnectionManager::new_with_config(self.client.clone(), config)
+            .get_or_try_init(|| async {
+                let connect =
+                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), config);
+                match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                    Ok(r) => r,
+                    Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer within 5 s",
+                    ))),
+                }
             })
             .await
             .cloned()
