@@ -12,8 +12,8 @@
 # copied paths, binary path); see deploy/README.md.
 
 # ---- builder --------------------------------------------------------------------------------
-# At least the workspace's `rust-version` (1.88) and every locked dependency's (uuid 1.29 in
-# Cargo.lock needs 1.89); 1.95 is the toolchain the project's CI builds and tests with.
+# At least the workspace's `rust-version` (1.89, which the locked dependencies need); 1.95 is
+# the toolchain the project's CI builds and tests with.
 # Bookworm, like the runtime stage: the binary links against this stage's glibc.
 FROM rust:1.95-slim-bookworm AS builder
 WORKDIR /src
