@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Bson, Document, Timestamp};
 use mongodb::Database;
 
 use crate::config::WriteConcernSetting;
@@ -49,6 +49,8 @@ pub struct Applier {
     write_concern: Document,
     concurrency: usize,
     limiter: Option<Arc<WriteLimiter>>,
+    /// The per-document metadata field (`_sync`), whose `ts` guards every update.
+    meta_field: String,
 }
 
 impl Applier {
@@ -58,8 +60,10 @@ impl Applier {
         write_concern: &WriteConcernSetting,
         concurrency: usize,
         limiter: Option<Arc<WriteLimiter>>,
+        meta_field: &str,
     ) -> Applier {
         Applier {
+            meta_field: meta_field.to_string(),
             db,
             collection: collection.to_string(),
             write_concern: write_concern_doc(write_concern),
@@ -70,11 +74,20 @@ impl Applier {
 
     /// Writes everything; one result per write, in order. `Err` only for failures of the whole
     /// request (network, staging down, write concern not satisfied): the caller retries the batch.
-    pub async fn apply(&self, writes: &[PlannedWrite]) -> Result<Vec<WriteResult>> {
+    ///
+    /// `guards[i]` is the cluster time of the newest change write `i` carries: updates and
+    /// deletes then only touch a staging document whose `_sync.ts` is older (or absent) — a
+    /// compare-and-set that keeps a stale writer from replacing newer state. (Inserts are
+    /// guarded by the unique indexes.)
+    pub async fn apply(
+        &self,
+        writes: &[PlannedWrite],
+        guards: &[Option<Timestamp>],
+    ) -> Result<Vec<WriteResult>> {
         let chunks = self.chunks(writes);
         let mut results = vec![WriteResult::Done; writes.len()];
         let outcomes: Vec<Result<Vec<(usize, WriteResult)>>> = stream::iter(chunks)
-            .map(|chunk| self.run_chunk(writes, chunk))
+            .map(|chunk| self.run_chunk(writes, guards, chunk))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
@@ -125,9 +138,27 @@ impl Applier {
         chunks
     }
 
+    /// The filter of an update or delete: by `_id`, and only while staging's copy is older
+    /// than the change being written.
+    fn guarded(&self, id: &Bson, guard: Option<Timestamp>) -> Document {
+        let mut q = doc! { "_id": id.clone() };
+        if let Some(ts) = guard {
+            let path = format!("{}.ts", self.meta_field);
+            q.insert(
+                "$or",
+                vec![
+                    Bson::Document(doc! { &path: { "$lt": ts } }),
+                    Bson::Document(doc! { &path: { "$exists": false } }),
+                ],
+            );
+        }
+        q
+    }
+
     async fn run_chunk(
         &self,
         writes: &[PlannedWrite],
+        guards: &[Option<Timestamp>],
         chunk: Vec<usize>,
     ) -> Result<Vec<(usize, WriteResult)>> {
         if let Some(l) = &self.limiter {
@@ -151,7 +182,7 @@ impl Applier {
                         let mut u = Document::new();
                         if !set.is_empty() { u.insert("$set", set.clone()); }
                         if !unset.is_empty() { u.insert("$unset", unset.clone()); }
-                        Bson::Document(doc! { "q": { "_id": id.clone() }, "u": u, "upsert": false })
+                        Bson::Document(doc! { "q": self.guarded(id, guards.get(i).copied().flatten()), "u": u, "upsert": false })
                     }
                     _ => unreachable!("chunked by kind"),
                 }).collect::<Vec<_>>(),
@@ -159,7 +190,7 @@ impl Applier {
             _ => doc! {
                 "delete": &self.collection,
                 "deletes": chunk.iter().map(|&i| match &writes[i].op {
-                    WriteOp::Delete { id } => Bson::Document(doc! { "q": { "_id": id.clone() }, "limit": 1 }),
+                    WriteOp::Delete { id } => Bson::Document(doc! { "q": self.guarded(id, guards.get(i).copied().flatten()), "limit": 1 }),
                     _ => unreachable!("chunked by kind"),
                 }).collect::<Vec<_>>(),
             },

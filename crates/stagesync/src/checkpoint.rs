@@ -231,15 +231,49 @@ impl CheckpointStore {
         }
     }
 
-    pub async fn save(&self, stream: &str, cp: &Checkpoint) -> Result<()> {
-        let d = cp.to_document(&self.sync, stream);
+    /// Saves `cp`. With an `epoch` (the lease's, see [`crate::lease`]) the save is fenced: it
+    /// succeeds only while no newer epoch has claimed this checkpoint, and is refused with
+    /// [`SyncError::LeaseLost`] otherwise — a stale owner can never move a checkpoint.
+    pub async fn save(&self, stream: &str, cp: &Checkpoint, epoch: Option<i64>) -> Result<()> {
+        let mut d = cp.to_document(&self.sync, stream);
         let id = stream_id(&self.sync, stream);
+        let refused = || SyncError::LeaseLost {
+            collection: stream.to_string(),
+            detail: format!(
+                "its checkpoint was claimed by a newer lease than epoch {}",
+                epoch.unwrap_or_default()
+            ),
+        };
         match &self.backend {
             Backend::Mongo(c) => {
-                c.replace_one(doc! { "_id": &id }, &d)
+                let filter = match epoch {
+                    Some(e) => {
+                        d.insert("epoch", e);
+                        doc! { "_id": &id, "$or": [ { "epoch": { "$lte": e } }, { "epoch": { "$exists": false } } ] }
+                    }
+                    None => doc! { "_id": &id },
+                };
+                match c
+                    .replace_one(filter, &d)
                     .with_options(ReplaceOptions::builder().upsert(true).build())
                     .await
-                    .with_context(|| format!("saving the checkpoint of `{stream}`"))?;
+                {
+                    Ok(_) => {}
+                    // The filter missed a newer epoch's document, so the upsert collided with it.
+                    Err(e)
+                        if epoch.is_some()
+                            && crate::retry::command_code(&e)
+                                == Some(crate::retry::DUPLICATE_KEY) =>
+                    {
+                        return Err(refused())
+                    }
+                    Err(e) => {
+                        return Err(SyncError::mongo(
+                            format!("saving the checkpoint of `{stream}`"),
+                            e,
+                        ))
+                    }
+                }
             }
             #[cfg(feature = "redis")]
             Backend::Redis(r) => {
@@ -248,13 +282,66 @@ impl CheckpointStore {
                     what: format!("the checkpoint of `{stream}`"),
                     detail: e.to_string(),
                 })?;
-                let _: () = r
-                    .connection()
-                    .await?
-                    .set(format!("{}{id}", r.prefix), bytes)
+                let key = format!("{}{id}", r.prefix);
+                // One script, so the epoch check and the write cannot interleave with another
+                // process's.
+                let script = redis::Script::new(
+                    "local cur = tonumber(redis.call('GET', KEYS[2]) or '-1') \
+                     local mine = tonumber(ARGV[2]) \
+                     if mine >= 0 and cur > mine then return 0 end \
+                     redis.call('SET', KEYS[1], ARGV[1]) \
+                     if mine >= 0 then redis.call('SET', KEYS[2], ARGV[2]) end \
+                     return 1",
+                );
+                let ok: i32 = script
+                    .key(&key)
+                    .key(format!("{key}:epoch"))
+                    .arg(bytes)
+                    .arg(epoch.unwrap_or(-1))
+                    .invoke_async(&mut r.connection().await?)
                     .await
                     .map_err(|e| {
                         redis_error(&format!("saving the checkpoint of `{stream}` to Redis"), e)
+                    })?;
+                if ok == 0 {
+                    return Err(refused());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the checkpoint as claimed by lease `epoch`: from now on saves of older epochs are
+    /// refused. Called by a new owner before it reads the checkpoint.
+    pub async fn claim(&self, stream: &str, epoch: i64) -> Result<()> {
+        let id = stream_id(&self.sync, stream);
+        match &self.backend {
+            Backend::Mongo(c) => {
+                c.update_one(
+                    doc! { "_id": &id, "$or": [ { "epoch": { "$lt": epoch } }, { "epoch": { "$exists": false } } ] },
+                    doc! { "$set": { "epoch": epoch } },
+                )
+                .await
+                .with_context(|| format!("claiming the checkpoint of `{stream}`"))?;
+            }
+            #[cfg(feature = "redis")]
+            Backend::Redis(r) => {
+                let key = format!("{}{id}:epoch", r.prefix);
+                let script = redis::Script::new(
+                    "local cur = tonumber(redis.call('GET', KEYS[1]) or '-1') \
+                     if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end \
+                     return 1",
+                );
+                let _: i32 = script
+                    .key(key)
+                    .arg(epoch)
+                    .invoke_async(&mut r.connection().await?)
+                    .await
+                    .map_err(|e| {
+                        redis_error(
+                            &format!("claiming the checkpoint of `{stream}` in Redis"),
+                            e,
+                        )
                     })?;
             }
         }

@@ -32,6 +32,8 @@ pub struct Context {
     pub limiter: Option<Arc<WriteLimiter>>,
     /// Bounds how many collections are snapshotted at once.
     pub snapshot_slots: Arc<tokio::sync::Semaphore>,
+    /// Who this process is to the other processes of the sync (`--instance-id`; lease owner).
+    pub instance_id: String,
 }
 
 /// A client for `uri`. The driver connects lazily, so this only validates the URI (a bad one
@@ -50,6 +52,17 @@ pub async fn client(uri: &str, key: &str) -> Result<Client> {
     options.server_selection_timeout = Some(Duration::from_secs(5));
     options.connect_timeout = Some(Duration::from_secs(5));
     Client::with_options(options).map_err(|e| invalid(e.to_string()))
+}
+
+/// `hostname-pid` for the first context of the process; later ones (several engines in one
+/// process, as in tests) get a suffix so they never share a lease identity.
+fn next_instance_id() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CONTEXTS: AtomicUsize = AtomicUsize::new(0);
+    match CONTEXTS.fetch_add(1, Ordering::Relaxed) {
+        0 => crate::lease::default_instance_id(),
+        n => format!("{}-{}", crate::lease::default_instance_id(), n + 1),
+    }
 }
 
 impl Context {
@@ -89,7 +102,14 @@ impl Context {
             metrics,
             limiter,
             snapshot_slots: Arc::new(tokio::sync::Semaphore::new(snapshot_concurrency)),
+            instance_id: next_instance_id(),
         })
+    }
+
+    /// This context under another instance id (`run --instance-id`).
+    pub fn with_instance_id(mut self, id: &str) -> Context {
+        self.instance_id = id.to_string();
+        self
     }
 
     pub fn pipeline(&self, c: &CollectionConfig) -> Pipeline {

@@ -18,6 +18,9 @@ pub enum ErrorKind {
     Poison,
     /// Production no longer has the change history to resume from (or refused the token).
     HistoryLost,
+    /// Another process owns this collection now (its lease moved on): drop the collection,
+    /// keep the others.
+    LeaseLost,
     /// Nothing sensible can go on: stop and tell the operator.
     Fatal,
 }
@@ -60,6 +63,11 @@ pub enum SyncError {
     /// A setting's value is unusable although the file parsed (e.g. a malformed URI).
     #[error("`{key}`: {detail}")]
     InvalidSetting { key: String, detail: String },
+
+    /// This process no longer holds the collection's lease (it expired while the process was
+    /// paused, or another process took it): its checkpoint save was refused.
+    #[error("`{collection}` is owned by another process now ({detail}); this process drops it")]
+    LeaseLost { collection: String, detail: String },
 
     /// A server or store stayed unreachable past its deadline.
     #[error("{what} stayed unreachable for {waited:?} (`sync.startup_timeout`): {last_error}")]
@@ -113,6 +121,7 @@ impl SyncError {
             }
             SyncError::WriteConcern(_) => ErrorKind::Transient,
             SyncError::HistoryLost { .. } => ErrorKind::HistoryLost,
+            SyncError::LeaseLost { .. } => ErrorKind::LeaseLost,
             SyncError::Config(_)
             | SyncError::InvalidSetting { .. }
             | SyncError::Unreachable { .. }

@@ -23,6 +23,7 @@ pub mod deadletter;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod lease;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;

@@ -25,7 +25,8 @@ use crate::apply::{Applier, WriteResult};
 use crate::checkpoint::Checkpoint;
 use crate::config::CollectionConfig;
 use crate::context::Context;
-use crate::error::{MongoContext, Result, SyncError};
+use crate::error::{ErrorKind, MongoContext, Result, SyncError};
+use crate::lease::Fence;
 use crate::metrics::Side;
 use crate::plan::{plan_batch, Failed, Outcome, Rules, Skip};
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
@@ -73,6 +74,9 @@ pub struct Pipeline {
     pub staging: Collection<Document>,
     /// Per-change warnings (dead letters) are throttled: a poison burst logs a few lines.
     warnings: Arc<LogThrottle>,
+    /// The collection's lease, when this process runs it under one (see [`crate::lease`]):
+    /// nothing is written once it is no longer valid, checkpoint saves carry its epoch.
+    fence: Option<Fence>,
     ctx: Context,
 }
 
@@ -93,6 +97,7 @@ impl Pipeline {
                 &config.sync.write_concern,
                 config.sync.apply_concurrency,
                 ctx.limiter.clone(),
+                &config.sync.metadata_field,
             ),
             source: ctx.prod_db.collection(&c.name),
             staging: ctx.staging_db.collection(c.target_name()),
@@ -100,12 +105,31 @@ impl Pipeline {
                 WARNINGS_PER_MINUTE,
                 Duration::from_secs(60),
             )),
+            fence: None,
             ctx: ctx.clone(),
         }
     }
 
+    /// This pipeline, acting under a collection lease.
+    pub fn with_fence(mut self, fence: Fence) -> Pipeline {
+        self.fence = Some(fence);
+        self
+    }
+
     pub fn context(&self) -> &Context {
         &self.ctx
+    }
+
+    /// `Err(LeaseLost)` once the lease this pipeline runs under may have passed to another
+    /// process (a failed renewal, or this process was paused past its window).
+    pub fn check_fence(&self) -> Result<()> {
+        match &self.fence {
+            Some(f) if !f.is_valid() => Err(SyncError::LeaseLost {
+                collection: self.name.clone(),
+                detail: format!("lease epoch {} was not renewed in time", f.epoch),
+            }),
+            _ => Ok(()),
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -201,7 +225,14 @@ impl Pipeline {
     ) -> Result<(Vec<Outcome>, Vec<usize>)> {
         let existing = self.fetch_existing(changes).await?;
         let plan = plan_batch(&self.rules, changes, existing, DateTime::now());
-        let results = self.applier.apply(&plan.writes).await?;
+        // Each write is conditional on staging's copy being older than the newest change it
+        // carries: a stale writer (a paused process, a second owner) never puts older state back.
+        let guards: Vec<Option<mongodb::bson::Timestamp>> = plan
+            .writes
+            .iter()
+            .map(|w| w.changes.last().map(|&i| changes[i].cluster_time))
+            .collect();
+        let results = self.applier.apply(&plan.writes, &guards).await?;
         let mut outcomes = plan.outcomes;
         let mut duplicate_key = Vec::new();
         for (write, result) in plan.writes.iter().zip(&results) {
@@ -266,9 +297,10 @@ impl Pipeline {
         changes: &[Change],
         origin: Origin,
         shutdown: &CancellationToken,
-    ) -> Option<BatchReport> {
+    ) -> Result<Option<BatchReport>> {
         let mut outage: Option<Instant> = None;
         let attempt = || async {
+            self.check_fence()?;
             let apply = self.apply_changes(changes, origin);
             tokio::pin!(apply);
             tokio::select! {
@@ -294,12 +326,13 @@ impl Pipeline {
             }
         };
         // Anything that fails the whole request is retried: a batch is abandoned only when
-        // stopping.
+        // stopping, or when the collection's lease is lost.
+        let not_lost = |e: &SyncError| e.kind() != ErrorKind::LeaseLost;
         match retry(
             &RetryPolicy::default(),
             shutdown,
             attempt,
-            |_| true,
+            not_lost,
             observe,
         )
         .await
@@ -309,13 +342,13 @@ impl Pipeline {
                     health.staging_reachable();
                     tracing::info!(collection = %self.name, after_secs = since.elapsed().as_secs(), "staging is back; sync resumed");
                 }
-                Some(report)
+                Ok(Some(report))
             }
-            Ok((None, _)) => {
+            Ok((None, _)) | Err(Gave::Stopped) => {
                 tracing::warn!(collection = %self.name, changes = changes.len(), "stopping: the batch in flight is abandoned and will be read again from the checkpoint");
-                None
+                Ok(None)
             }
-            Err(_) => None,
+            Err(Gave::Up(e)) => Err(e),
         }
     }
 
@@ -350,17 +383,25 @@ impl Pipeline {
 
     /// Saves a checkpoint, retrying failures until it is saved (the position must not be
     /// lost) — once stopping, for [`STOP_SAVE_GRACE`] at most (the next run then replays a
-    /// little more). True when saved.
-    pub async fn save_checkpoint(&self, cp: &Checkpoint, shutdown: &CancellationToken) -> bool {
+    /// little more). `Ok(true)` when saved; `Err(LeaseLost)` when the save was fenced off
+    /// (another process owns the collection now).
+    pub async fn save_checkpoint(
+        &self,
+        cp: &Checkpoint,
+        shutdown: &CancellationToken,
+    ) -> Result<bool> {
         let never = CancellationToken::new();
         let mut backoff = RetryPolicy::default().backoff();
         let mut stopping_since: Option<Instant> = None;
+        let epoch = self.fence.as_ref().map(|f| f.epoch);
         loop {
-            match self.ctx.checkpoints.save(&self.name, cp).await {
+            self.check_fence()?;
+            match self.ctx.checkpoints.save(&self.name, cp, epoch).await {
                 Ok(()) => {
                     self.ctx.metrics.checkpoint_saved(&self.name);
-                    return true;
+                    return Ok(true);
                 }
+                Err(e) if e.kind() == ErrorKind::LeaseLost => return Err(e),
                 Err(e) => {
                     self.ctx
                         .metrics
@@ -373,7 +414,7 @@ impl Pipeline {
                         let since = *stopping_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= STOP_SAVE_GRACE {
                             tracing::warn!(collection = %self.name, error = %e, "stopping without saving the last checkpoint; the next run replays from the previous one");
-                            return false;
+                            return Ok(false);
                         }
                     }
                     // A stop during the pause ends it early, so the grace period starts.
@@ -425,20 +466,25 @@ impl Pipeline {
                 None => break Ok(()),
                 Some(ReaderMessage::Failed(e)) => break Err(e),
                 Some(ReaderMessage::Batch(batch)) => {
-                    if !batch.changes.is_empty()
-                        && self
+                    if !batch.changes.is_empty() {
+                        match self
                             .apply_with_retry(&batch.changes, Origin::Stream, shutdown)
                             .await
-                            .is_none()
-                    {
-                        break Ok(()); // stopping: this batch is abandoned, its position not saved
+                        {
+                            Ok(Some(_)) => {}
+                            // Stopping: this batch is abandoned, its position not saved.
+                            Ok(None) => break Ok(()),
+                            Err(e) => break Err(e),
+                        }
                     }
                     // Applied, or an empty batch: the stream confirmed it is idle.
                     health.progress(&self.name);
                     pending = Some(position_checkpoint(&batch, pending.take()));
                     if !saved_once || last_save.elapsed() >= sync.checkpoint_interval {
                         if let Some(cp) = pending.take() {
-                            self.save_checkpoint(&cp, shutdown).await;
+                            if let Err(e) = self.save_checkpoint(&cp, shutdown).await {
+                                break Err(e);
+                            }
                             last_save = Instant::now();
                             saved_once = true;
                         }
@@ -457,10 +503,10 @@ impl Pipeline {
         drop(rx);
         reader_stop.cancel();
         let _ = reader.await;
-        if let Some(cp) = pending {
-            self.save_checkpoint(&cp, shutdown).await;
+        match (pending, result) {
+            (Some(cp), Ok(())) => self.save_checkpoint(&cp, shutdown).await.map(|_| ()),
+            (_, result) => result,
         }
-        result
     }
 }
 

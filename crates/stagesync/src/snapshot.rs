@@ -48,7 +48,7 @@ pub async fn snapshot_collection(
     if last_id.is_some() {
         tracing::info!(collection = %cs.name, copied, "continuing an interrupted snapshot");
     }
-    save_progress(cs, read_time, &last_id, copied, shutdown).await;
+    save_progress(cs, read_time, &last_id, copied, shutdown).await?;
     let total = cs.source.estimated_document_count().await.unwrap_or(0);
     let progress = Progress::new(&cs.name, total, copied);
     let health = cs.context().metrics.health().clone();
@@ -69,7 +69,7 @@ pub async fn snapshot_collection(
         let changes = batch?;
         if cs
             .apply_with_retry(&changes, Origin::Snapshot, shutdown)
-            .await
+            .await?
             .is_none()
         {
             stopped = true;
@@ -79,7 +79,7 @@ pub async fn snapshot_collection(
         last_id = changes.last().map(|c| c.prod_id.clone());
         progress.set(copied);
         health.snapshot_progress(&cs.name);
-        save_progress(cs, read_time, &last_id, copied, shutdown).await;
+        save_progress(cs, read_time, &last_id, copied, shutdown).await?;
     }
     reader.abort();
     health.snapshot_finished(&cs.name);
@@ -99,7 +99,7 @@ pub async fn snapshot_collection(
         cluster_time: Some(read_time),
         ..Checkpoint::default()
     };
-    cs.save_checkpoint(&handoff, shutdown).await;
+    cs.save_checkpoint(&handoff, shutdown).await?;
     Ok(Some(read_time))
 }
 
@@ -109,7 +109,7 @@ async fn save_progress(
     last_id: &Option<Bson>,
     copied: u64,
     shutdown: &CancellationToken,
-) {
+) -> Result<()> {
     let cp = Checkpoint {
         snapshot: Some(doc! {
             "readTime": read_time,
@@ -118,7 +118,7 @@ async fn save_progress(
         }),
         ..Checkpoint::default()
     };
-    cs.save_checkpoint(&cp, shutdown).await;
+    cs.save_checkpoint(&cp, shutdown).await.map(|_| ())
 }
 
 /// Deletes (per `deletes`) the staging documents from production whose source no longer exists.
@@ -196,7 +196,10 @@ async fn prune_stale(
         if gone.is_empty() {
             continue;
         }
-        match cs.apply_with_retry(&gone, Origin::Snapshot, shutdown).await {
+        match cs
+            .apply_with_retry(&gone, Origin::Snapshot, shutdown)
+            .await?
+        {
             Some(report) => pruned += report.applied as u64,
             None => break,
         }

@@ -1,11 +1,13 @@
 //! What `stagesync status` and the telemetry endpoint `/status` report, per collection:
-//! checkpoint time and age, lag, snapshot progress, dead letters.
+//! checkpoint time and age, lag, snapshot progress, dead letters, and who holds the
+//! collection's lease.
 
 use mongodb::bson::DateTime;
 use serde::Serialize;
 
 use crate::context::Context;
 use crate::error::{MongoContext, Result};
+use crate::lease::LeaseStore;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CollectionStatus {
@@ -16,15 +18,29 @@ pub struct CollectionStatus {
     pub checkpoint_time: Option<String>,
     /// Seconds between the checkpoint's production time and now.
     pub lag_seconds: Option<f64>,
+    /// Seconds since the checkpoint was last written.
+    pub checkpoint_age_seconds: Option<f64>,
     pub snapshot_in_progress: bool,
     pub dead_letters: u64,
+    /// The process holding the collection's lease (`--instance-id`), if any holds it now.
+    pub owner: Option<String>,
+    /// The lease's epoch (grows on every change of owner).
+    pub epoch: Option<i64>,
+    /// When the lease expires unless renewed (RFC 3339).
+    pub lease_expires_at: Option<String>,
 }
 
 /// Reads every configured collection's checkpoint and dead-letter count.
 pub async fn collect(ctx: &Context) -> Result<Vec<CollectionStatus>> {
     let now = DateTime::now();
+    let sync = &ctx.config.sync;
+    let leases = LeaseStore::new(&ctx.meta_db, &sync.name, &ctx.instance_id, sync.lease_ttl)
+        .all()
+        .await?;
     let mut rows = Vec::new();
     for c in &ctx.config.collections {
+        let lease = leases.iter().find(|l| l.collection == c.name);
+        let live = lease.filter(|l| !l.is_free(now));
         let cp = ctx.checkpoints.load(&c.name).await?.unwrap_or_default();
         let dead_letters = ctx
             .dead_letters
@@ -42,8 +58,14 @@ pub async fn collect(ctx: &Context) -> Result<Vec<CollectionStatus>> {
             checkpoint_time: to_s(position),
             lag_seconds: position
                 .map(|w| (now.timestamp_millis() - w.timestamp_millis()) as f64 / 1000.0),
+            checkpoint_age_seconds: cp
+                .saved_at
+                .map(|t| (now.timestamp_millis() - t.timestamp_millis()) as f64 / 1000.0),
             snapshot_in_progress: cp.snapshot.is_some(),
             dead_letters,
+            owner: live.and_then(|l| l.owner.clone()),
+            epoch: lease.map(|l| l.epoch),
+            lease_expires_at: to_s(live.and_then(|l| l.expires_at)),
         });
     }
     Ok(rows)

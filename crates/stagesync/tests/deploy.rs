@@ -90,6 +90,7 @@ fn run_command(args: &[String]) -> (PathBuf, Option<SocketAddr>) {
         Command::Run {
             config,
             metrics_addr,
+            ..
         } => (config.config, metrics_addr),
         other => panic!("{args:?} is not `stagesync run`: {other:?}"),
     }

@@ -48,7 +48,7 @@ async fn corrupt_checkpoint(config: &std::sync::Arc<stagesync::config::Config>) 
     cp.token = Some(Bson::Document(
         doc! { "_data": "8200000000000000002B0229296E04" },
     ));
-    ctx.checkpoints.save("orders", &cp).await.unwrap();
+    ctx.checkpoints.save("orders", &cp, None).await.unwrap();
 }
 
 #[tokio::test]

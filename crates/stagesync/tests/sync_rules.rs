@@ -518,5 +518,5 @@ async fn engine_ctx_save(
     let ctx = stagesync::context::Context::connect(config.clone())
         .await
         .unwrap();
-    ctx.checkpoints.save("orders", cp).await.unwrap();
+    ctx.checkpoints.save("orders", cp, None).await.unwrap();
 }

@@ -18,8 +18,9 @@ pub async fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Run {
             config,
+            instance_id,
             metrics_addr,
-        } => run(load_config(&config)?, metrics_addr).await,
+        } => run(load_config(&config)?, instance_id, metrics_addr).await,
         Command::Check { config } => check(load_config(&config)?).await,
         Command::Snapshot {
             config,
@@ -106,8 +107,17 @@ fn select_collections<'c>(
         .collect()
 }
 
-async fn run(config: Arc<Config>, metrics_addr: Option<SocketAddr>) -> anyhow::Result<i32> {
+async fn run(
+    config: Arc<Config>,
+    instance_id: Option<String>,
+    metrics_addr: Option<SocketAddr>,
+) -> anyhow::Result<i32> {
     with_context(config.clone(), |ctx| async move {
+        let ctx = match instance_id.as_deref().map(str::trim) {
+            Some("") => return Err(UsageError("--instance-id must not be empty".into()).into()),
+            Some(id) => ctx.with_instance_id(id),
+            None => ctx,
+        };
         let shutdown = CancellationToken::new();
         stop_on_signals(shutdown.clone());
         // Stopped after the engine, so probes keep answering while it finishes.
@@ -136,6 +146,7 @@ async fn run(config: Arc<Config>, metrics_addr: Option<SocketAddr>) -> anyhow::R
         };
         tracing::info!(
             sync = %config.sync.name,
+            instance = %ctx.instance_id,
             collections = config.collections.len(),
             "stagesync run: production {} → staging {}",
             config.source.database,

@@ -67,6 +67,10 @@ pub enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
+        /// This process's name among the processes sharing the sync's collections (the lease
+        /// owner); default: hostname-pid.
+        #[arg(long, value_name = "ID")]
+        instance_id: Option<String>,
         /// Serve /metrics, /livez, /readyz and /status on this address (port 0: any free port).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<SocketAddr>,

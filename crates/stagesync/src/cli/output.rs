@@ -209,18 +209,20 @@ pub fn dead_letter(e: &DeadLetter) {
 
 pub fn status(rows: &[CollectionStatus]) {
     println!(
-        "{:<20} {:<26} {:>10} {:>12}",
-        "collection", "checkpoint time", "lag (s)", "dead letters"
+        "{:<20} {:<26} {:>10} {:>10} {:>12}  {:<24} {:>5}",
+        "collection", "checkpoint time", "lag (s)", "ckpt age", "dead letters", "owner", "epoch"
     );
+    let secs = |v: Option<f64>| v.map(|l| format!("{l:.1}")).unwrap_or_else(|| "-".into());
     for r in rows {
         println!(
-            "{:<20} {:<26} {:>10} {:>12}{}",
+            "{:<20} {:<26} {:>10} {:>10} {:>12}  {:<24} {:>5}{}",
             r.collection,
             r.checkpoint_time.as_deref().unwrap_or("none yet"),
-            r.lag_seconds
-                .map(|l| format!("{l:.1}"))
-                .unwrap_or_else(|| "-".into()),
+            secs(r.lag_seconds),
+            secs(r.checkpoint_age_seconds),
             r.dead_letters,
+            r.owner.as_deref().unwrap_or("-"),
+            r.epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
             if r.snapshot_in_progress {
                 "  (snapshot in progress)"
             } else {
