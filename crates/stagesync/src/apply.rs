@@ -143,13 +143,12 @@ impl Applier {
     fn guarded(&self, id: &Bson, guard: Option<Timestamp>) -> Document {
         let mut q = doc! { "_id": id.clone() };
         if let Some(ts) = guard {
-            let path = format!("{}.ts", self.meta_field);
+            // "Older than ts, or absent" as one predicate: `$not: {$gte}` also matches a
+            // missing field, and a top-level `$or` would keep some servers from using the
+            // `_id` index for the statement.
             q.insert(
-                "$or",
-                vec![
-                    Bson::Document(doc! { &path: { "$lt": ts } }),
-                    Bson::Document(doc! { &path: { "$exists": false } }),
-                ],
+                format!("{}.ts", self.meta_field),
+                doc! { "$not": { "$gte": ts } },
             );
         }
         q

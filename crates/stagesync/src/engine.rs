@@ -94,6 +94,9 @@ impl Coordinator {
             .collect();
         for collection in finished {
             let held = self.held.remove(&collection).expect("listed above");
+            self.ctx
+                .metrics
+                .lease(&collection, &self.store.instance, false);
             let outcome = held
                 .task
                 .await
@@ -127,6 +130,9 @@ impl Coordinator {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(collection = %collection, epoch = held.fence.epoch, "lease taken by another process; stopping this collection");
+                    self.ctx
+                        .metrics
+                        .lease(collection, &self.store.instance, false);
                     held.stop.cancel();
                 }
                 Err(e) => {
@@ -171,10 +177,11 @@ impl Coordinator {
             if self.held.contains_key(&collection) {
                 continue;
             }
+            // Free, expired, or still ours from a task that just ended (a lapsed fence).
             let free = leases
                 .iter()
                 .find(|l| l.collection == collection)
-                .is_none_or(|l| l.is_free(now));
+                .is_none_or(|l| l.is_free(now) || l.owner.as_deref() == Some(&self.store.instance));
             if !free {
                 continue;
             }
@@ -184,6 +191,9 @@ impl Coordinator {
             // From now on a previous owner's checkpoint saves are refused.
             self.ctx.checkpoints.claim(&collection, fence.epoch).await?;
             tracing::info!(collection = %collection, epoch = fence.epoch, instance = %self.store.instance, "lease taken; syncing this collection");
+            self.ctx
+                .metrics
+                .lease(&collection, &self.store.instance, true);
             let config = self
                 .ctx
                 .config
@@ -213,6 +223,9 @@ impl Coordinator {
             held.stop.cancel();
         }
         for (collection, held) in std::mem::take(&mut self.held) {
+            self.ctx
+                .metrics
+                .lease(&collection, &self.store.instance, false);
             match held.task.await {
                 Ok(Err(e)) if e.kind() != ErrorKind::LeaseLost => {
                     tracing::warn!(collection = %collection, error = %e, "the collection stopped with an error");

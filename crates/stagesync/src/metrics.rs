@@ -72,6 +72,8 @@ pub struct Metrics {
     pub conflicts: IntCounterVec,
     /// `stagesync_retries_total{side}`
     pub retries: IntCounterVec,
+    /// `stagesync_lease_held{collection,instance}`: 1 while this process holds the lease.
+    pub lease_held: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -130,6 +132,14 @@ impl Metrics {
             &["collection"],
         );
         let retries = counter("retries_total", "Transient failures retried", &["side"]);
+        let lease_held = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "lease_held",
+                "1 while this process holds the collection's lease (syncs it), else 0",
+            ),
+            &["collection", "instance"],
+        )
+        .expect("valid metric");
         let scrape_time = ScrapeTimeGauges::new(health.clone());
         for m in [
             Box::new(changes_read.clone()) as Box<dyn Collector>,
@@ -141,6 +151,7 @@ impl Metrics {
             Box::new(ddl_events.clone()),
             Box::new(conflicts.clone()),
             Box::new(retries.clone()),
+            Box::new(lease_held.clone()),
             Box::new(scrape_time),
         ] {
             registry.register(m).expect("metric registered once");
@@ -157,7 +168,15 @@ impl Metrics {
             ddl_events,
             conflicts,
             retries,
+            lease_held,
         }
+    }
+
+    /// Whether this process (`instance`) holds `collection`'s lease.
+    pub fn lease(&self, collection: &str, instance: &str, held: bool) {
+        self.lease_held
+            .with_label_values(&[collection, instance])
+            .set(i64::from(held));
     }
 
     /// The health the scrape-time gauges read.

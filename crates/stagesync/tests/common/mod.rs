@@ -145,6 +145,13 @@ pub struct Engine {
 
 impl Engine {
     pub async fn start(config: Arc<Config>) -> Engine {
+        // `STAGESYNC_TEST_LOG=stagesync=debug cargo test …` shows the in-process engine's log.
+        if let Ok(filter) = std::env::var("STAGESYNC_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let ctx = stagesync::context::Context::connect(config).await.unwrap();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(stagesync::engine::run(ctx.clone(), stop.clone()));
