@@ -72,7 +72,9 @@ pub struct Metrics {
     pub conflicts: IntCounterVec,
     /// `stagesync_retries_total{side}`
     pub retries: IntCounterVec,
-    /// `stagesync_lease_held{collection,instance}`: 1 while this process holds the lease.
+    /// `stagesync_lease_held{collection,owner}`: 1 while this process (`owner`, its
+    /// `--instance-id`) holds the collection's lease. (Not `instance`: Prometheus sets that
+    /// label itself on every scraped series.)
     pub lease_held: prometheus::IntGaugeVec,
 }
 
@@ -137,7 +139,7 @@ impl Metrics {
                 "lease_held",
                 "1 while this process holds the collection's lease (syncs it), else 0",
             ),
-            &["collection", "instance"],
+            &["collection", "owner"],
         )
         .expect("valid metric");
         let scrape_time = ScrapeTimeGauges::new(health.clone());

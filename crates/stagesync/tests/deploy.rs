@@ -1434,6 +1434,7 @@ fn exported_metrics() -> Exported {
     m.conflict("orders");
     m.retry(Side::Production);
     m.checkpoint_saved("orders");
+    m.lease("orders", "p1", true);
     let text = m.render();
     let mut families = Exported::new();
     for line in text.lines() {
@@ -1542,7 +1543,7 @@ fn every_metric_the_dashboard_queries_is_exported() {
             );
         }
     }
-    // The panels the issue asks for (lease owners come with the lease metrics).
+    // The panels the issue asks for.
     let all = expressions.join("\n");
     for needed in [
         "sum by (le, collection) (rate(stagesync_lag_seconds_bucket",
@@ -1551,6 +1552,7 @@ fn every_metric_the_dashboard_queries_is_exported() {
         "stagesync_changes_skipped_total",
         "stagesync_changes_dead_lettered_total",
         "stagesync_checkpoint_age_seconds",
+        "stagesync_lease_held",
     ] {
         assert!(all.contains(needed), "the dashboard queries {needed}");
     }
@@ -1607,7 +1609,7 @@ fn the_metric_name_scanner_finds_names_and_their_labels() {
     assert_eq!(by_labels(expr), ["le", "collection"]);
     let exported = exported_metrics();
     assert!(lookup(&exported, "stagesync_lag_seconds_bucket").is_some());
-    assert!(lookup(&exported, "stagesync_lease_owned").is_none());
+    assert!(lookup(&exported, "stagesync_lease_held").is_some());
 }
 
 // ---- examples/ ----------------------------------------------------------------------------
