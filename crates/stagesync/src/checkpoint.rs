@@ -91,6 +91,12 @@ enum Backend {
 
 /// Redis, connected on first use and reconnected by the driver's `ConnectionManager` after the
 /// server restarts; callers retry failed operations with the one retry policy.
+///
+/// The manager itself does not retry: left to its defaults it backs off *inside* a reconnect —
+/// over a hundred seconds after a short outage, during which every operation waits on it —
+/// so a Redis that came back stayed unused for minutes. Here each operation makes at most one
+/// connection attempt (bounded by the connection timeout), fails fast while Redis is down, and
+/// the next attempt, paced by the caller's backoff, connects again.
 #[cfg(feature = "redis")]
 #[derive(Clone)]
 struct RedisBackend {
@@ -105,7 +111,8 @@ impl RedisBackend {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(std::time::Duration::from_secs(5))
             .set_response_timeout(std::time::Duration::from_secs(5))
-            .set_number_of_retries(2);
+            .set_number_of_retries(0)
+            .set_max_delay(100);
         self.conn
             .get_or_try_init(|| {
                 redis::aio::ConnectionManager::new_with_config(self.client.clone(), config)

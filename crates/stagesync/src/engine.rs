@@ -25,6 +25,11 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> Result<()> {
     if !ctx.wait_reachable(startup_timeout(&ctx), &shutdown).await? {
         return Ok(());
     }
+    // Before anything is written: staging is not production, the write concern works, every
+    // collection can be synced.
+    if !crate::preflight::check_all(&ctx, startup_timeout(&ctx), &shutdown).await? {
+        return Ok(());
+    }
     prepare_staging(&ctx, &shutdown).await?;
     let stop_all = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();

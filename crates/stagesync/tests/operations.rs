@@ -185,7 +185,7 @@ async fn a_frozen_production_makes_readyz_fail_and_recovers_with_nothing_lost() 
 async fn checkpoint_age_grows_between_two_saves() {
     let pair = Pair::start();
     // Saves of an idle stream happen every checkpoint_interval: 4 s leaves room to scrape.
-    let (path, config) = pair.config("", &ORDERS.to_string());
+    let (path, config) = pair.config("", ORDERS);
     let text = std::fs::read_to_string(&path).unwrap().replace(
         "checkpoint_interval = \"200ms\"",
         "checkpoint_interval = \"4s\"",
