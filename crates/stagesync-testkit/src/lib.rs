@@ -268,22 +268,30 @@ fn ping(port: u16) -> bool {
 /// A `redis-server` process on a free port (Debian's `redis-server`), killed on drop.
 pub struct RedisServer {
     pub port: u16,
-    child: Child,
+    child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts `redis-server` without persistence and waits until it answers `PING`.
     pub fn start() -> anyhow::Result<RedisServer> {
-        let port = free_port()?;
+        let mut server = RedisServer {
+            port: free_port()?,
+            child: None,
+        };
+        server.spawn()?;
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start redis-server; install it with `bash scripts/setup.sh` (apt-get install redis-server)")?;
-        let mut server = RedisServer { port, child };
-        server.wait_ready()?;
-        Ok(server)
+        self.child = Some(child);
+        Ok(())
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -300,8 +308,10 @@ impl RedisServer {
                     return Ok(());
                 }
             }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("redis-server exited with {status} before answering PING");
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("redis-server exited with {status} before answering PING");
+                }
             }
             if Instant::now() > deadline {
                 bail!("redis-server did not answer PING within 20 s");
@@ -314,14 +324,42 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Kills the process (an outage). Without persistence, a restarted server starts empty.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts redis-server again on the same port (like [`LocalServer::restart`]) and waits
+    /// until it answers `PING`.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The port may take a moment to be free again after the kill.
+        loop {
+            self.spawn()?;
+            match self.wait_ready() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "redis restart not ready yet");
+                    self.stop();
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

@@ -5,6 +5,7 @@
 //! (8.0+). Statements are unordered: the planner emits at most one write per staging document,
 //! so no two statements of a batch depend on each other, and chunks run concurrently.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
@@ -14,13 +15,18 @@ use mongodb::bson::{doc, Bson, Document, Timestamp};
 use mongodb::Database;
 
 use crate::config::WriteConcernSetting;
-use crate::error::{MongoContext, Result, SyncError};
-use crate::plan::{PlannedWrite, Rules, WriteOp};
-use crate::retry::DUPLICATE_KEY;
+use crate::error::{Result, SyncError};
+use crate::plan::{canonical, PlannedWrite, Rules, WriteOp};
+use crate::retry::{command_code, DUPLICATE_KEY, WRITE_CONCERN_UNSATISFIABLE};
+use crate::source::change::Change;
 
 /// Largest number of statements in one command, and a soft cap on its size.
 const MAX_STATEMENTS: usize = 500;
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+/// `maxBsonObjectSize` when staging does not say (every MongoDB since 1.8: 16 MiB).
+pub const DEFAULT_MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+/// `BSONObjectTooLarge`: the code a write refused for its size carries.
+pub const DOCUMENT_TOO_LARGE: i32 = 10334;
 /// Chunk size under `max_writes_per_second`: the token bucket's largest burst.
 const RATE_LIMITED_CHUNK: u32 = 100;
 
@@ -41,14 +47,27 @@ impl WriteResult {
     }
 }
 
+/// True for a server error about a document's (or a command's) size: `BSONObjectTooLarge`,
+/// "resulting document after update is larger than …", and the like.
+pub fn is_size_error(code: i32, message: &str) -> bool {
+    if matches!(code, DOCUMENT_TOO_LARGE | 17419 | 17420 | 13134) {
+        return true;
+    }
+    let m = message.to_ascii_lowercase();
+    m.contains("too large") || m.contains("larger than") || m.contains("exceeds maximum")
+}
+
 /// Writes to one staging collection.
 #[derive(Clone)]
 pub struct Applier {
     db: Database,
     collection: String,
     write_concern: Document,
+    write_concern_setting: WriteConcernSetting,
     concurrency: usize,
     limiter: Option<Arc<WriteLimiter>>,
+    /// Staging's `maxBsonObjectSize`, asked once (`hello`).
+    max_document_bytes: Arc<tokio::sync::OnceCell<usize>>,
     /// The per-document metadata field (`_sync`), whose `ts` guards every update.
     meta_field: String,
 }
@@ -67,27 +86,75 @@ impl Applier {
             db,
             collection: collection.to_string(),
             write_concern: write_concern_doc(write_concern),
+            write_concern_setting: write_concern.clone(),
             concurrency: concurrency.max(1),
             limiter,
+            max_document_bytes: Arc::default(),
+        }
+    }
+
+    /// Staging's largest document (`maxBsonObjectSize` from `hello`, asked once; 16 MiB when
+    /// it cannot be asked).
+    pub async fn max_document_bytes(&self) -> usize {
+        let ask = || async {
+            let hello = self.db.run_command(doc! { "hello": 1 }).await?;
+            Ok::<usize, mongodb::error::Error>(
+                hello
+                    .get_i32("maxBsonObjectSize")
+                    .ok()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|&n| n > 0)
+                    .unwrap_or(DEFAULT_MAX_DOCUMENT_BYTES),
+            )
+        };
+        match self.max_document_bytes.get_or_try_init(ask).await {
+            Ok(n) => *n,
+            Err(_) => DEFAULT_MAX_DOCUMENT_BYTES,
         }
     }
 
     /// Writes everything; one result per write, in order. `Err` only for failures of the whole
     /// request (network, staging down, write concern not satisfied): the caller retries the batch.
     ///
+    /// A write that cannot fit in a staging document is refused here, before anything is sent
+    /// ([`DOCUMENT_TOO_LARGE`]); a command that fails as a whole because of the size of what
+    /// it carries is split until the one write responsible is refused alone — so one oversized
+    /// change never fails (and stalls) the others.
+    ///
     /// `guards[i]` is the cluster time of the newest change write `i` carries: updates and
     /// deletes then only touch a staging document whose `_sync.ts` is older (or absent) — a
-    /// compare-and-set that keeps a stale writer from replacing newer state. (Inserts are
-    /// guarded by the unique indexes.)
+    /// compare-and-set that keeps a stale writer (a paused process, a second owner, a replay)
+    /// from replacing newer state. Inserts are guarded by the unique indexes.
     pub async fn apply(
         &self,
         writes: &[PlannedWrite],
         guards: &[Option<Timestamp>],
     ) -> Result<Vec<WriteResult>> {
-        let chunks = self.chunks(writes);
+        self.apply_with_names(writes, guards, &LiteralNames::default())
+            .await
+    }
+
+    /// [`Applier::apply`], for writes that may touch top-level field names `$set` and `$unset`
+    /// cannot address (see [`LiteralNames`]).
+    pub async fn apply_with_names(
+        &self,
+        writes: &[PlannedWrite],
+        guards: &[Option<Timestamp>],
+        names: &LiteralNames,
+    ) -> Result<Vec<WriteResult>> {
+        let max = self.max_document_bytes().await;
+        let sizes: Vec<usize> = writes.iter().map(|w| approx_size(&w.op)).collect();
         let mut results = vec![WriteResult::Done; writes.len()];
+        let mut sendable = Vec::with_capacity(writes.len());
+        for (i, w) in writes.iter().enumerate() {
+            match too_large(&w.op, sizes[i], max) {
+                Some(refused) => results[i] = refused,
+                None => sendable.push(i),
+            }
+        }
+        let chunks = self.chunks(writes, &sizes, &sendable);
         let outcomes: Vec<Result<Vec<(usize, WriteResult)>>> = stream::iter(chunks)
-            .map(|chunk| self.run_chunk(writes, guards, chunk))
+            .map(|chunk| self.run_chunk_or_split(writes, guards, names, chunk))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
@@ -99,11 +166,70 @@ impl Applier {
         Ok(results)
     }
 
-    /// Groups write indices by command kind into chunks bounded in count and size, spread over
-    /// the concurrency.
-    fn chunks(&self, writes: &[PlannedWrite]) -> Vec<Vec<usize>> {
+    /// [`Applier::run_chunk`]; when the whole command fails for a size reason, the halves are
+    /// tried on their own, down to single writes, which are then refused.
+    fn run_chunk_or_split<'a>(
+        &'a self,
+        writes: &'a [PlannedWrite],
+        guards: &'a [Option<Timestamp>],
+        names: &'a LiteralNames,
+        chunk: Vec<usize>,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<(usize, WriteResult)>>> {
+        Box::pin(async move {
+            let error = match self.run_chunk(writes, guards, names, chunk.clone()).await {
+                Ok(done) => return Ok(done),
+                Err(e) => e,
+            };
+            let size_failure = match &error {
+                SyncError::Mongo { error: e, .. } => match e.kind.as_ref() {
+                    mongodb::error::ErrorKind::Command(c) => is_size_error(c.code, &c.message),
+                    mongodb::error::ErrorKind::InvalidArgument { message, .. } => {
+                        is_size_error(0, message)
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !size_failure {
+                return Err(error);
+            }
+            if chunk.len() == 1 {
+                let message = match &error {
+                    SyncError::Mongo { error: e, .. } => crate::retry::describe(e),
+                    other => other.to_string(),
+                };
+                return Ok(vec![(
+                    chunk[0],
+                    WriteResult::Refused {
+                        code: DOCUMENT_TOO_LARGE,
+                        message,
+                    },
+                )]);
+            }
+            let (left, right) = chunk.split_at(chunk.len() / 2);
+            let mut done = self
+                .run_chunk_or_split(writes, guards, names, left.to_vec())
+                .await?;
+            done.extend(
+                self.run_chunk_or_split(writes, guards, names, right.to_vec())
+                    .await?,
+            );
+            Ok(done)
+        })
+    }
+
+    /// Groups the `sendable` write indices by command kind into chunks bounded in count and
+    /// size, spread over the concurrency.
+    fn chunks(
+        &self,
+        writes: &[PlannedWrite],
+        sizes: &[usize],
+        sendable: &[usize],
+    ) -> Vec<Vec<usize>> {
         let per_kind = |kind: u8| -> Vec<usize> {
-            (0..writes.len())
+            sendable
+                .iter()
+                .copied()
                 .filter(|&i| kind_of(&writes[i].op) == kind)
                 .collect()
         };
@@ -122,7 +248,7 @@ impl Applier {
             let mut current = Vec::new();
             let mut bytes = 0usize;
             for i in idx {
-                let size = approx_size(&writes[i].op);
+                let size = sizes[i];
                 if !current.is_empty() && (current.len() >= cap || bytes + size > MAX_COMMAND_BYTES)
                 {
                     chunks.push(std::mem::take(&mut current));
@@ -158,6 +284,7 @@ impl Applier {
         &self,
         writes: &[PlannedWrite],
         guards: &[Option<Timestamp>],
+        names: &LiteralNames,
         chunk: Vec<usize>,
     ) -> Result<Vec<(usize, WriteResult)>> {
         if let Some(l) = &self.limiter {
@@ -178,9 +305,7 @@ impl Applier {
                 "update": &self.collection,
                 "updates": chunk.iter().map(|&i| match &writes[i].op {
                     WriteOp::Update { id, set, unset } => {
-                        let mut u = Document::new();
-                        if !set.is_empty() { u.insert("$set", set.clone()); }
-                        if !unset.is_empty() { u.insert("$unset", unset.clone()); }
+                        let u = update_statement(set, unset, &names.of(&writes[i], id));
                         Bson::Document(doc! { "q": self.guarded(id, guards.get(i).copied().flatten()), "u": u, "upsert": false })
                     }
                     _ => unreachable!("chunked by kind"),
@@ -197,17 +322,34 @@ impl Applier {
         let mut command = command;
         command.insert("ordered", false);
         command.insert("writeConcern", self.write_concern.clone());
-        let reply = self
-            .db
-            .run_command(command)
-            .await
-            .with_context(|| format!("writing to staging.{}", self.collection))?;
+        let reply = match self.db.run_command(command).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                if command_code(&e).is_some_and(|c| WRITE_CONCERN_UNSATISFIABLE.contains(&c)) {
+                    return Err(write_concern_refused(
+                        &self.write_concern_setting,
+                        &crate::retry::describe(&e),
+                    ));
+                }
+                return Err(SyncError::mongo(
+                    format!("writing to staging.{}", self.collection),
+                    e,
+                ));
+            }
+        };
         if let Ok(wce) = reply.get_document("writeConcernError") {
+            let message = wce.get_str("errmsg").unwrap_or("").to_string();
+            let code = wce.get_i32("code").unwrap_or(0);
+            if WRITE_CONCERN_UNSATISFIABLE.contains(&code) {
+                // An unknown tag, more nodes than staging has: no retry can satisfy it.
+                return Err(write_concern_refused(
+                    &self.write_concern_setting,
+                    &format!("{message} (code {code})"),
+                ));
+            }
             // The writes happened but are not yet durable as asked: retry the batch (replays
             // are no-ops thanks to the order rule).
-            return Err(SyncError::WriteConcern(
-                wce.get_str("errmsg").unwrap_or("").to_string(),
-            ));
+            return Err(SyncError::WriteConcern(message));
         }
         let mut out: Vec<(usize, WriteResult)> =
             chunk.iter().map(|&i| (i, WriteResult::Done)).collect();
@@ -234,8 +376,146 @@ fn kind_of(op: &WriteOp) -> u8 {
     }
 }
 
+/// Top-level field names that `$set` and `$unset` cannot address, per document of a batch.
+///
+/// MongoDB 5.0+ stores field names containing dots or starting with `$` (set with `$setField`),
+/// but update operators read such a name as a path: `$set: {"c.d": 1}` writes `c: {d: 1}`. The
+/// planner's update paths for such a top-level field are the name itself, so when the
+/// production document of a change (or the staging document it updates) has that name at the
+/// top level, the update is sent as a pipeline that sets or removes it with `$setField`.
+#[derive(Debug, Default)]
+pub struct LiteralNames {
+    /// By staging `_id`: names of the looked-up staging document.
+    staging: HashMap<Vec<u8>, Vec<String>>,
+    /// By index into the batch: names of the change's production document.
+    production: HashMap<usize, Vec<String>>,
+}
+
+impl LiteralNames {
+    /// Scans the top-level names of the batch's documents (the usual batch has none).
+    pub fn collect(existing: &[Document], changes: &[Change]) -> LiteralNames {
+        let unsafe_names = |d: &Document| -> Vec<String> {
+            d.keys()
+                .filter(|k| k.contains('.') || k.starts_with('$'))
+                .cloned()
+                .collect()
+        };
+        let mut names = LiteralNames::default();
+        for d in existing {
+            let found = unsafe_names(d);
+            if let (false, Some(id)) = (found.is_empty(), d.get("_id")) {
+                names.staging.insert(canonical(id), found);
+            }
+        }
+        for (i, c) in changes.iter().enumerate() {
+            if let Some(d) = &c.doc {
+                let found = unsafe_names(d);
+                if !found.is_empty() {
+                    names.production.insert(i, found);
+                }
+            }
+        }
+        names
+    }
+
+    /// The names of the documents `write` (of staging document `id`) involves.
+    fn of(&self, write: &PlannedWrite, id: &Bson) -> Vec<&str> {
+        if self.staging.is_empty() && self.production.is_empty() {
+            return vec![];
+        }
+        let mut out: Vec<&str> = self
+            .staging
+            .get(&canonical(id))
+            .into_iter()
+            .flatten()
+            .chain(
+                write
+                    .changes
+                    .iter()
+                    .filter_map(|i| self.production.get(i))
+                    .flatten(),
+            )
+            .map(String::as_str)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// The `u` of an update statement: `$set`/`$unset` operators, or — when some of the paths are
+/// literal top-level names (`literal`) — an update pipeline: `$set`/`$unset` stages for the
+/// plain paths (values wrapped in `$literal`, so no value is read as an expression) and a
+/// `$setField` per literal name (`$$REMOVE` removes one).
+fn update_statement(set: &Document, unset: &Document, literal: &[&str]) -> Bson {
+    let is_literal = |k: &str| literal.contains(&k);
+    if !set.keys().chain(unset.keys()).any(|k| is_literal(k)) {
+        let mut u = Document::new();
+        if !set.is_empty() {
+            u.insert("$set", set.clone());
+        }
+        if !unset.is_empty() {
+            u.insert("$unset", unset.clone());
+        }
+        return Bson::Document(u);
+    }
+    let set_field = |name: &str, value: Bson| {
+        Bson::Document(doc! { "$replaceWith": { "$setField": {
+            "field": { "$literal": name },
+            "input": "$$ROOT",
+            "value": value,
+        } } })
+    };
+    let mut stages = Vec::new();
+    let plain_set: Document = set
+        .iter()
+        .filter(|(k, _)| !is_literal(k))
+        .map(|(k, v)| (k.clone(), Bson::Document(doc! { "$literal": v.clone() })))
+        .collect();
+    if !plain_set.is_empty() {
+        stages.push(Bson::Document(doc! { "$set": plain_set }));
+    }
+    for (k, v) in set.iter().filter(|(k, _)| is_literal(k)) {
+        stages.push(set_field(k, Bson::Document(doc! { "$literal": v.clone() })));
+    }
+    let plain_unset: Vec<Bson> = unset
+        .keys()
+        .filter(|k| !is_literal(k))
+        .map(|k| Bson::String(k.clone()))
+        .collect();
+    if !plain_unset.is_empty() {
+        stages.push(Bson::Document(doc! { "$unset": plain_unset }));
+    }
+    for k in unset.keys().filter(|k| is_literal(k)) {
+        stages.push(set_field(k, Bson::String("$$REMOVE".into())));
+    }
+    Bson::Array(stages)
+}
+
+/// A write whose document cannot exist in staging: an insert larger than `max`, or an update
+/// whose `$set` alone is (the document it produces holds all of it).
+fn too_large(op: &WriteOp, size: usize, max: usize) -> Option<WriteResult> {
+    let what = match op {
+        WriteOp::Insert(_) if size > max => "the document",
+        WriteOp::Update { set, .. } if size > max && doc_len(set) > max => {
+            "the update's new values"
+        }
+        _ => return None,
+    };
+    Some(WriteResult::Refused {
+        code: DOCUMENT_TOO_LARGE,
+        message: format!(
+            "{what} would take {size} bytes in staging (with stagesync's metadata), over staging's \
+             maxBsonObjectSize of {max} bytes"
+        ),
+    })
+}
+
+fn doc_len(d: &Document) -> usize {
+    mongodb::bson::to_vec(d).map(|v| v.len()).unwrap_or(1024)
+}
+
 fn approx_size(op: &WriteOp) -> usize {
-    let doc_len = |d: &Document| mongodb::bson::to_vec(d).map(|v| v.len()).unwrap_or(1024);
     match op {
         WriteOp::Insert(d) => doc_len(d),
         WriteOp::Update { set, unset, .. } => doc_len(set) + doc_len(unset) + 64,
@@ -252,6 +532,27 @@ pub fn write_concern(w: &WriteConcernSetting) -> mongodb::options::WriteConcern 
         WriteConcernSetting::Tag(t) => Acknowledgment::Custom(t.clone()),
     };
     mongodb::options::WriteConcern::builder().w(w).build()
+}
+
+/// `1`, `"majority"`, `"tag"`: the setting as the config file spells it.
+pub fn describe_write_concern(w: &WriteConcernSetting) -> String {
+    match w {
+        WriteConcernSetting::Nodes(n) => n.to_string(),
+        WriteConcernSetting::Tag(t) => format!("\"{t}\""),
+    }
+}
+
+/// The error for a write concern staging refuses for good.
+pub fn write_concern_refused(w: &WriteConcernSetting, reason: &str) -> SyncError {
+    SyncError::InvalidSetting {
+        key: "sync.write_concern".into(),
+        detail: format!(
+            "staging cannot satisfy write concern {}: {}. Use \"majority\", a number of nodes \
+             staging has, or a tag its replica set defines",
+            describe_write_concern(w),
+            crate::retry::excerpt(reason, crate::retry::DETAIL_CHARS)
+        ),
+    }
 }
 
 /// The configured write concern as a command's `writeConcern` document.

@@ -91,6 +91,12 @@ enum Backend {
 
 /// Redis, connected on first use and reconnected by the driver's `ConnectionManager` after the
 /// server restarts; callers retry failed operations with the one retry policy.
+///
+/// The manager itself does not retry: left to its defaults it backs off *inside* a reconnect —
+/// over a hundred seconds after a short outage, during which every operation waits on it —
+/// so a Redis that came back stayed unused for minutes. Here each operation makes at most one
+/// connection attempt (bounded by the connection timeout), fails fast while Redis is down, and
+/// the next attempt, paced by the caller's backoff, connects again.
 #[cfg(feature = "redis")]
 #[derive(Clone)]
 struct RedisBackend {
@@ -109,8 +115,10 @@ impl RedisBackend {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(CONNECT_TIMEOUT)
             .set_response_timeout(CONNECT_TIMEOUT)
-            .set_number_of_retries(1)
-            .set_max_delay(1000);
+            // One attempt per operation: its own backoff inside a reconnect once held every
+            // save for about two minutes after an outage; our retry policy paces the next try.
+            .set_number_of_retries(0)
+            .set_max_delay(100);
         self.conn
             .get_or_try_init(|| async {
                 let connect =

@@ -18,6 +18,9 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::retry::{retry, Gave, RetryPolicy};
 
+/// How long closing a client waits for the cursors dropped just before to be killed.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 #[derive(Clone)]
 pub struct Context {
     pub config: Arc<Config>,
@@ -224,8 +227,21 @@ impl Context {
     /// Closes both clients; the checkpoint store's Redis connection closes as `self` drops.
     /// Every command calls this before the runtime ends: a driver dropped at runtime teardown
     /// can panic in its background tasks.
+    ///
+    /// A cursor or change stream dropped moments ago is killed on the server by a task the
+    /// driver spawned; were the runtime to end under it, that task panics
+    /// (`JoinError::Cancelled` in `kill_cursor`). So each client first waits for those tasks —
+    /// for [`CLOSE_GRACE`] at most, in case a server does not answer — and only then closes
+    /// immediately.
     pub async fn shutdown(self) {
-        self.prod.shutdown().immediate(true).await;
-        self.staging.shutdown().immediate(true).await;
+        let close = |client: Client| async move {
+            if tokio::time::timeout(CLOSE_GRACE, client.clone().shutdown())
+                .await
+                .is_err()
+            {
+                client.shutdown().immediate(true).await;
+            }
+        };
+        tokio::join!(close(self.prod), close(self.staging));
     }
 }

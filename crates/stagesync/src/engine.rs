@@ -30,6 +30,11 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> Result<()> {
     if !ctx.wait_reachable(startup_timeout(&ctx), &shutdown).await? {
         return Ok(());
     }
+    // Before anything is written: staging is not production, the write concern works, every
+    // collection can be synced.
+    if !crate::preflight::check_all(&ctx, startup_timeout(&ctx), &shutdown).await? {
+        return Ok(());
+    }
     prepare_staging(&ctx, &shutdown).await?;
     Coordinator::new(&ctx).run(shutdown).await
 }

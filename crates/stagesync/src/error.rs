@@ -33,11 +33,12 @@ pub enum SyncError {
     Config(#[from] ConfigError),
 
     /// A MongoDB operation failed; `what` says which one ("reading the checkpoint of `orders`").
-    #[error("{what}: {source}")]
+    /// Shown with a short description of the driver error (code, name and the server's message),
+    /// never the driver's dump of the whole server reply.
+    #[error("{what}: {}", crate::retry::describe(error))]
     Mongo {
         what: String,
-        #[source]
-        source: mongodb::error::Error,
+        error: mongodb::error::Error,
     },
 
     /// A Redis operation of the checkpoint store failed.
@@ -53,12 +54,19 @@ pub enum SyncError {
     #[error("staging did not satisfy the write concern: {0}")]
     WriteConcern(String),
 
+    /// The recovery hint comes first; the server's reason follows, cut to a short excerpt.
     #[error(
-        "production no longer has the change history to resume `{collection}` from its checkpoint ({detail}). \
+        "production no longer has the change history to resume `{collection}` from its checkpoint. \
          To recover: run `stagesync snapshot -c FILE --collection {collection}` (re-copies it and resets the \
-         checkpoint), or set `[sync] on_history_lost = \"resync\"` to do this automatically"
+         checkpoint), then `stagesync run` again; or set `[sync] on_history_lost = \"resync\"` to do this \
+         automatically. (Production said: {})", crate::retry::excerpt(detail, crate::retry::DETAIL_CHARS)
     )]
     HistoryLost { collection: String, detail: String },
+
+    /// Staging is production: the same server (as the servers themselves show) and the same
+    /// database, or a metadata database that is production's. Nothing was written.
+    #[error("{0}")]
+    TargetIsSource(String),
 
     /// A setting's value is unusable although the file parsed (e.g. a malformed URI).
     #[error("`{key}`: {detail}")]
@@ -99,14 +107,14 @@ impl SyncError {
     pub fn mongo(what: impl Into<String>, source: mongodb::error::Error) -> SyncError {
         SyncError::Mongo {
             what: what.into(),
-            source,
+            error: source,
         }
     }
 
     /// What to do about this failure.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            SyncError::Mongo { source, .. } => crate::retry::classify(source),
+            SyncError::Mongo { error, .. } => crate::retry::classify(error),
             #[cfg(feature = "redis")]
             SyncError::Redis { source, .. } => {
                 if source.is_io_error()
@@ -124,6 +132,7 @@ impl SyncError {
             SyncError::LeaseLost { .. } => ErrorKind::LeaseLost,
             SyncError::Config(_)
             | SyncError::InvalidSetting { .. }
+            | SyncError::TargetIsSource(_)
             | SyncError::Unreachable { .. }
             | SyncError::Corrupt { .. }
             | SyncError::Staging(_)
@@ -136,7 +145,7 @@ impl SyncError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            SyncError::Config(_) | SyncError::InvalidSetting { .. }
+            SyncError::Config(_) | SyncError::InvalidSetting { .. } | SyncError::TargetIsSource(_)
         )
     }
 

@@ -10,7 +10,8 @@
 //! - [`engine`] runs each collection's pipeline (snapshot or stream, history lost), [`snapshot`]
 //!   copies a collection and hands off to the stream, [`verify`] and [`replay`] reuse the
 //!   pipeline's merge path;
-//! - [`context`] holds the connections, [`error`] the one error type, [`retry`] the one retry
+//! - [`preflight`] refuses what must not start (staging that is production, an unusable write
+//!   concern, views) before anything is written; [`context`] holds the connections, [`error`] the one error type, [`retry`] the one retry
 //!   policy, [`health`], [`metrics`], [`status`] and [`telemetry`] what an operator sees; [`cli`] is the command line on
 //!   top (the only module using `anyhow`).
 
@@ -27,6 +28,7 @@ pub mod lease;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod preflight;
 pub mod replay;
 pub mod retry;
 pub mod snapshot;

@@ -224,6 +224,8 @@ impl Pipeline {
         set_aside_duplicate_keys: bool,
     ) -> Result<(Vec<Outcome>, Vec<usize>)> {
         let existing = self.fetch_existing(changes).await?;
+        // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
+        let names = crate::apply::LiteralNames::collect(&existing, changes);
         let plan = plan_batch(&self.rules, changes, existing, DateTime::now());
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
@@ -232,7 +234,10 @@ impl Pipeline {
             .iter()
             .map(|w| w.changes.last().map(|&i| changes[i].cluster_time))
             .collect();
-        let results = self.applier.apply(&plan.writes, &guards).await?;
+        let results = self
+            .applier
+            .apply_with_names(&plan.writes, &guards, &names)
+            .await?;
         let mut outcomes = plan.outcomes;
         let mut duplicate_key = Vec::new();
         for (write, result) in plan.writes.iter().zip(&results) {
@@ -243,7 +248,7 @@ impl Pipeline {
                 }
                 for &i in &write.changes {
                     outcomes[i] = Outcome::Failed(Failed {
-                        code: staging_code(*code),
+                        code: staging_code(*code, message),
                         message: message.clone(),
                     });
                 }
@@ -259,39 +264,40 @@ impl Pipeline {
             .as_ref()
             .and_then(|d| self.rules.key_of(d).ok())
             .map(|k| k.describe(&self.rules.business_key));
+        self.ctx
+            .dead_letters
+            .record(&self.name, key.clone(), c, f)
+            .await
+            .context("writing a dead letter")?;
+        // Logged and counted once stored: neither claims an entry the queue does not hold.
+        self.ctx
+            .metrics
+            .dead_lettered(&self.name, c.op.as_str(), &f.code);
         if let Verdict::Log { suppressed } = self.warnings.admit(Instant::now()) {
             self.summarise_suppressed(suppressed);
             tracing::warn!(
                 collection = %self.name,
                 business_key = key.as_deref().unwrap_or("-"),
-                production_id = %c.prod_id,
+                production_id = %crate::deadletter::short_id(&c.prod_id),
                 operation = c.op.as_str(),
                 reason = %f.code,
                 "change not applied: {}; sent to the dead-letter queue",
-                f.message
+                crate::retry::excerpt(&f.message, crate::retry::DETAIL_CHARS)
             );
         }
-        self.ctx
-            .dead_letters
-            .record(&self.name, key, c, f)
-            .await
-            .context("writing a dead letter")?;
-        // Counted once stored: the metric never claims an entry the queue does not hold.
-        self.ctx
-            .metrics
-            .dead_lettered(&self.name, c.op.as_str(), &f.code);
         Ok(())
     }
 
     fn summarise_suppressed(&self, suppressed: u64) {
         if suppressed > 0 {
-            tracing::warn!(collection = %self.name, suppressed, "{suppressed} more changes were sent to the dead-letter queue in the last minute (not logged one by one; see `stagesync dlq list` and stagesync_dead_letters_total)");
+            tracing::warn!(collection = %self.name, suppressed, "{suppressed} more changes were sent to the dead-letter queue in the last minute (not logged one by one; see `stagesync dlq list` and stagesync_changes_dead_lettered_total)");
         }
     }
 
-    /// Applies a batch, retrying failures of the whole request forever (logging an outage
-    /// once). `None` when stopping: the batch is abandoned (its position was never
-    /// checkpointed, so the next run reads it again).
+    /// Applies a batch, retrying failures of the whole request (logging an outage once) — all
+    /// but fatal ones (e.g. a write concern staging can never satisfy), which are returned.
+    /// `Ok(None)` when stopping: the batch is abandoned (its position was never checkpointed,
+    /// so the next run reads it again).
     pub async fn apply_with_retry(
         &self,
         changes: &[Change],
@@ -325,14 +331,15 @@ impl Pipeline {
                 tracing::error!(collection = %self.name, error = %e, "applying a batch failed; retrying");
             }
         };
-        // Anything that fails the whole request is retried: a batch is abandoned only when
-        // stopping, or when the collection's lease is lost.
-        let not_lost = |e: &SyncError| e.kind() != ErrorKind::LeaseLost;
+        // Anything but a fatal error that fails the whole request is retried: a batch is
+        // abandoned only when stopping, or when the collection's lease is lost.
+        let retryable =
+            |e: &SyncError| !matches!(e.kind(), ErrorKind::Fatal | ErrorKind::LeaseLost);
         match retry(
             &RetryPolicy::default(),
             shutdown,
             attempt,
-            not_lost,
+            retryable,
             observe,
         )
         .await
@@ -401,7 +408,10 @@ impl Pipeline {
                     self.ctx.metrics.checkpoint_saved(&self.name);
                     return Ok(true);
                 }
-                Err(e) if e.kind() == ErrorKind::LeaseLost => return Err(e),
+                // Fenced off, or a failure no retry fixes: stop this collection.
+                Err(e) if matches!(e.kind(), ErrorKind::LeaseLost | ErrorKind::Fatal) => {
+                    return Err(e)
+                }
                 Err(e) => {
                     self.ctx
                         .metrics
@@ -441,6 +451,10 @@ impl Pipeline {
             batch_max_wait: Duration::from_millis(sync.batch_max_wait_ms),
             idle_report: sync.checkpoint_interval,
         };
+        let start_time = match &start {
+            StartAt::Time(t) => Some(*t),
+            _ => None,
+        };
         // Two batches in flight at most: one being applied, one being read.
         let (tx, mut rx) = mpsc::channel(2);
         let reader_stop = shutdown.child_token();
@@ -454,6 +468,20 @@ impl Pipeline {
             self.ctx.metrics.clone(),
         ));
         let health = self.ctx.metrics.health().clone();
+        // What the position stands for, carried from one checkpoint to the next: a batch that
+        // only moves the token (the stream opening, an idle stream) keeps the cluster and wall
+        // time already known — from the checkpoint the stream starts from, or the snapshot's
+        // read time.
+        let mut position = match self.ctx.checkpoints.load(&self.name).await {
+            Ok(Some(cp)) => Checkpoint {
+                token: cp.token,
+                cluster_time: cp.cluster_time,
+                wall_time: cp.wall_time,
+                ..Checkpoint::default()
+            },
+            _ => Checkpoint::default(),
+        };
+        position.cluster_time = position.cluster_time.max(start_time);
         let mut pending: Option<Checkpoint> = None;
         let mut last_save = Instant::now() - sync.checkpoint_interval;
         let mut saved_once = false;
@@ -479,7 +507,8 @@ impl Pipeline {
                     }
                     // Applied, or an empty batch: the stream confirmed it is idle.
                     health.progress(&self.name);
-                    pending = Some(position_checkpoint(&batch, pending.take()));
+                    position = position_checkpoint(&batch, &position);
+                    pending = Some(position.clone());
                     if !saved_once || last_save.elapsed() >= sync.checkpoint_interval {
                         if let Some(cp) = pending.take() {
                             if let Err(e) = self.save_checkpoint(&cp, shutdown).await {
@@ -510,29 +539,29 @@ impl Pipeline {
     }
 }
 
-/// The checkpoint a fully applied batch allows.
-fn position_checkpoint(batch: &Batch, previous: Option<Checkpoint>) -> Checkpoint {
-    let previous = previous.unwrap_or_default();
+/// The checkpoint a fully applied batch allows: its position, and what `previous` knew for
+/// what the batch does not say (a batch without changes carries no cluster time).
+fn position_checkpoint(batch: &Batch, previous: &Checkpoint) -> Checkpoint {
     let p = &batch.position;
     Checkpoint {
         token: p
             .token
             .as_ref()
             .and_then(|t| mongodb::bson::to_bson(t).ok())
-            .or(previous.token),
-        cluster_time: p.cluster_time.or(previous.cluster_time),
+            .or_else(|| previous.token.clone()),
+        cluster_time: p.cluster_time.max(previous.cluster_time),
         wall_time: p.wall_time.or(previous.wall_time),
         saved_at: None,
         snapshot: None,
     }
 }
 
-/// A staging write error code as a dead-letter reason.
-fn staging_code(code: i32) -> String {
+/// A staging write error as a dead-letter reason.
+fn staging_code(code: i32, message: &str) -> String {
     match code {
         11000 => "key_collision".into(),
-        10334 => "document_too_large".into(),
         121 => "validation_failed".into(),
+        _ if crate::apply::is_size_error(code, message) => "document_too_large".into(),
         other => format!("staging_error_{other}"),
     }
 }

@@ -39,6 +39,15 @@ pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<ReplayReport> {
             ));
             continue;
         };
+        if entry.get_bool("productionIdTruncated").unwrap_or(false) {
+            report.failing.push((
+                id,
+                "the production _id was too large to keep in the dead letter, so it cannot be \
+                 re-read; fix the document in production (a later change to it syncs again)"
+                    .into(),
+            ));
+            continue;
+        }
         let Some(prod_id) = entry.get("productionId").cloned() else {
             report
                 .failing

@@ -51,6 +51,14 @@ const HISTORY_LOST_CODES: &[i32] = &[
 
 pub const DUPLICATE_KEY: i32 = 11000;
 
+/// Write concerns staging can never satisfy as configured: `UnknownReplWriteConcern` (a tag
+/// the replica set does not define) and `UnsatisfiableWriteConcern` (more nodes than it has).
+/// Retrying cannot help: these are fatal and name `sync.write_concern`.
+pub const WRITE_CONCERN_UNSATISFIABLE: &[i32] = &[79, 100];
+
+/// How many characters of a server's message an error shows.
+pub const DETAIL_CHARS: usize = 240;
+
 /// What a driver error means for us: transient, history lost, or (anything else) a failure a
 /// retry cannot fix — poison when it concerns one change.
 pub fn classify(err: &Error) -> ErrorKind {
@@ -77,6 +85,9 @@ pub fn classify(err: &Error) -> ErrorKind {
 }
 
 pub fn classify_code(code: i32, message: &str) -> ErrorKind {
+    if WRITE_CONCERN_UNSATISFIABLE.contains(&code) {
+        return ErrorKind::Fatal;
+    }
     if HISTORY_LOST_CODES.contains(&code) {
         return ErrorKind::HistoryLost;
     }
@@ -100,6 +111,36 @@ pub fn command_code(err: &Error) -> Option<i32> {
         DriverErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
         _ => None,
     }
+}
+
+/// A short description of a driver error for messages and logs: the kind, and for server errors
+/// the code, its name and the server's message — never the driver's hex dump of the whole
+/// server reply, which its own `Display` appends. At most [`DETAIL_CHARS`] characters.
+pub fn describe(err: &Error) -> String {
+    let text = match err.kind.as_ref() {
+        DriverErrorKind::Command(c) => {
+            format!("error {} ({}): {}", c.code, c.code_name, c.message)
+        }
+        DriverErrorKind::Write(WriteFailure::WriteConcernError(w)) => format!(
+            "write concern error {} ({}): {}",
+            w.code, w.code_name, w.message
+        ),
+        DriverErrorKind::Write(WriteFailure::WriteError(w)) => {
+            format!("write error {}: {}", w.code, w.message)
+        }
+        other => other.to_string(),
+    };
+    excerpt(&text, DETAIL_CHARS)
+}
+
+/// `text` cut to at most `max` characters (an ellipsis marks the cut).
+pub fn excerpt(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
 }
 
 /// How to retry: capped exponential backoff with jitter, optionally giving up after a while.
@@ -288,6 +329,23 @@ mod tests {
             classify_code(10334, "BSONObjectTooLarge"),
             ErrorKind::Poison
         );
+        assert_eq!(
+            classify_code(79, "No write concern mode named 'bogus'"),
+            ErrorKind::Fatal
+        );
+        assert_eq!(
+            classify_code(100, "Not enough data-bearing nodes"),
+            ErrorKind::Fatal
+        );
+    }
+
+    #[test]
+    fn excerpts_are_bounded() {
+        assert_eq!(excerpt("short", 10), "short");
+        let long = "x".repeat(1000);
+        let cut = excerpt(&long, 20);
+        assert_eq!(cut.chars().count(), 20);
+        assert!(cut.ends_with('…'));
     }
 
     #[test]

@@ -65,24 +65,48 @@ pub async fn snapshot_collection(
         shutdown.clone(),
     ));
     let mut stopped = false;
+    let mut failure = None;
     while let Some(batch) = rx.recv().await {
-        let changes = batch?;
-        if cs
+        let changes = match batch {
+            Ok(changes) => changes,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        match cs
             .apply_with_retry(&changes, Origin::Snapshot, shutdown)
-            .await?
-            .is_none()
+            .await
         {
-            stopped = true;
-            break;
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                stopped = true;
+                break;
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
         }
         copied += changes.len() as u64;
         last_id = changes.last().map(|c| c.prod_id.clone());
         progress.set(copied);
         health.snapshot_progress(&cs.name);
-        save_progress(cs, read_time, &last_id, copied, shutdown).await?;
+        if let Err(e) = save_progress(cs, read_time, &last_id, copied, shutdown).await {
+            failure = Some(e);
+            break;
+        }
     }
+    // Stop the reader and wait until it is gone: its production cursor must be closed while
+    // the client is still open (a cursor dropped at runtime teardown makes the driver panic).
+    drop(rx);
     reader.abort();
+    let _ = reader.await;
     health.snapshot_finished(&cs.name);
+    if let Some(e) = failure {
+        progress.abandon();
+        return Err(e);
+    }
     if stopped || shutdown.is_cancelled() {
         progress.abandon();
         return Ok(None);

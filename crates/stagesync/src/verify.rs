@@ -156,49 +156,132 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
         compare_staging_chunk(cs, &chunk, &mut report).await?;
     }
 
-    // Duplicate business keys, counted by the server.
+    // Duplicate business keys, compared as the sync compares them.
+    for dup in duplicate_keys(&cs.staging, rules, KeyEquality::Sync).await? {
+        report.duplicate_keys.push(Drift {
+            business_key: dup.business_key,
+            fields: vec![format!("{} documents", dup.documents)],
+            ..Default::default()
+        });
+    }
+    Ok(report)
+}
+
+/// How two business-key values are compared when looking for duplicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyEquality {
+    /// As the sync matches documents: the exact BSON (so `1` and `1.0` differ, and so do
+    /// embedded documents with the same fields in another order — as in MongoDB's own
+    /// comparison and its unique index).
+    Sync,
+    /// As a unique index compares keys: numbers by value (`1` equals `1.0`), embedded
+    /// documents field by field in order.
+    Index,
+}
+
+/// A business key more than one staging document holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DuplicateKey {
+    /// `field=value, …` (values as staging holds them: masked where configured).
+    pub business_key: String,
+    pub documents: usize,
+}
+
+/// The business keys held by more than one staging document (among documents having every key
+/// field, as the unique index's partial filter says), compared as `equality` says.
+///
+/// The server's `$group` finds the candidates; it may group more than the sync would (some
+/// servers group embedded documents regardless of field order), so each candidate group is
+/// compared again here, on the documents' own values.
+pub async fn duplicate_keys(
+    staging: &mongodb::Collection<Document>,
+    rules: &crate::plan::Rules,
+    equality: KeyEquality,
+) -> Result<Vec<DuplicateKey>> {
+    let reading = || {
+        format!(
+            "looking for duplicate business keys in staging.{}",
+            staging.name()
+        )
+    };
     let group_id: Document = rules
         .business_key
         .iter()
-        .map(|f| (f.replace('.', "_"), Bson::String(format!("${f}"))))
+        .enumerate()
+        .map(|(i, f)| (format!("k{i}"), Bson::String(format!("${f}"))))
         .collect();
     let present: Document = rules
         .business_key
         .iter()
         .map(|f| (f.clone(), Bson::Document(doc! { "$exists": true })))
         .collect();
-    let mut dups = cs
-        .staging
+    let mut groups = staging
         .aggregate(vec![
             doc! { "$match": present },
-            doc! { "$group": { "_id": group_id, "n": { "$sum": 1 } } },
+            doc! { "$group": { "_id": group_id, "n": { "$sum": 1 }, "ids": { "$push": "$_id" } } },
             doc! { "$match": { "n": { "$gt": 1 } } },
         ])
         .await
-        .with_context(reading_staging)?;
-    while let Some(g) = dups.try_next().await.with_context(reading_staging)? {
-        let key = g
-            .get_document("_id")
-            .map(|k| {
-                k.iter()
-                    .map(|(f, v)| format!("{f}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+        .with_context(reading)?;
+    let mut found = Vec::new();
+    while let Some(group) = groups.try_next().await.with_context(reading)? {
+        let ids = group.get_array("ids").cloned().unwrap_or_default();
+        let docs: Vec<Document> = staging
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(
+                rules
+                    .business_key
+                    .iter()
+                    .map(|f| (f.clone(), Bson::Int32(1)))
+                    .collect::<Document>(),
+            )
+            .await
+            .with_context(reading)?
+            .try_collect()
+            .await
+            .with_context(reading)?;
+        let mut by_key: HashMap<Vec<u8>, (crate::plan::BusinessKey, usize)> = HashMap::new();
+        for d in &docs {
+            let values: Vec<Bson> = rules
+                .business_key
+                .iter()
+                .map(|f| crate::plan::get_path(d, f).cloned().unwrap_or(Bson::Null))
+                .collect();
+            let key = crate::plan::BusinessKey(values);
+            let canonical = match equality {
+                KeyEquality::Sync => key.canonical(),
+                KeyEquality::Index => {
+                    crate::plan::BusinessKey(key.0.iter().map(index_form).collect()).canonical()
+                }
+            };
+            by_key.entry(canonical).or_insert((key, 0)).1 += 1;
+        }
+        let mut dups: Vec<DuplicateKey> = by_key
+            .into_values()
+            .filter(|(_, n)| *n > 1)
+            .map(|(key, n)| DuplicateKey {
+                business_key: key.describe(&rules.business_key),
+                documents: n,
             })
-            .unwrap_or_default();
-        report.duplicate_keys.push(Drift {
-            business_key: key,
-            fields: vec![format!(
-                "{} documents",
-                g.get_i32("n")
-                    .map(i64::from)
-                    .or_else(|_| g.get_i64("n"))
-                    .unwrap_or(0)
-            )],
-            ..Default::default()
-        });
+            .collect();
+        dups.sort_by(|a, b| a.business_key.cmp(&b.business_key));
+        found.extend(dups);
     }
-    Ok(report)
+    Ok(found)
+}
+
+/// A value as an index key compares it: every number as a double when that is exact.
+fn index_form(v: &Bson) -> Bson {
+    match v {
+        Bson::Int32(i) => Bson::Double(f64::from(*i)),
+        Bson::Int64(i) if (*i as f64) as i64 == *i => Bson::Double(*i as f64),
+        Bson::Double(d) if *d == 0.0 => Bson::Double(0.0),
+        Bson::Array(items) => Bson::Array(items.iter().map(index_form).collect()),
+        Bson::Document(d) => {
+            Bson::Document(d.iter().map(|(k, v)| (k.clone(), index_form(v))).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 /// Up to `CHUNK` documents from a cursor; empty when it is exhausted.

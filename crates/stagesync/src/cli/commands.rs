@@ -171,9 +171,16 @@ async fn check(config: Arc<Config>) -> anyhow::Result<i32> {
         config.collections.len()
     );
     with_context(config.clone(), |ctx| async move {
-        let ok = output::check(&ctx).await;
+        let outcome = output::check(&ctx).await;
+        let ok = !outcome.failed && !outcome.refused;
         println!("{}", if ok { "check passed" } else { "check FAILED" });
-        Ok(if ok { EXIT_OK } else { EXIT_PROBLEM })
+        Ok(if outcome.refused {
+            super::EXIT_USAGE
+        } else if outcome.failed {
+            EXIT_PROBLEM
+        } else {
+            EXIT_OK
+        })
     })
     .await
 }
@@ -190,6 +197,10 @@ async fn snapshot(config: Arc<Config>, names: &[String], prune: bool) -> anyhow:
             .wait_reachable(engine::startup_timeout(&ctx), &shutdown)
             .await?
         {
+            eprintln!("snapshot stopped before it started");
+            return Ok(EXIT_PROBLEM);
+        }
+        if !crate::preflight::check_all(&ctx, engine::startup_timeout(&ctx), &shutdown).await? {
             eprintln!("snapshot stopped before it started");
             return Ok(EXIT_PROBLEM);
         }
@@ -323,6 +334,10 @@ async fn dlq(action: DlqAction) -> anyhow::Result<i32> {
                 (None, _) => None,
             };
             with_context(load_config(&config)?, |ctx| async move {
+                // A replay writes staging: the same refusals as `run`, once.
+                crate::preflight::target_is_not_source(&ctx).await?;
+                crate::preflight::collections_are_syncable(&ctx).await?;
+                crate::preflight::write_concern_is_usable(&ctx).await?;
                 let ids = match one {
                     Some(id) => vec![id],
                     None => ctx
@@ -358,6 +373,8 @@ async fn dlq(action: DlqAction) -> anyhow::Result<i32> {
                 (None, _) => None,
             };
             with_context(load_config(&config)?, |ctx| async move {
+                // Purging deletes from the metadata database: never production's.
+                crate::preflight::target_is_not_source(&ctx).await?;
                 let n = match one {
                     Some(id) => u64::from(
                         ctx.dead_letters

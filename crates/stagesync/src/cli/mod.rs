@@ -29,7 +29,7 @@ pub const EXIT_RUNTIME: i32 = 3;
 const EXIT_CODES_HELP: &str = "Exit codes:
   0  success; `run` stopped by SIGINT or SIGTERM
   1  the command ran and found a problem (verify: drift; check: a check failed; dlq replay: entries still failing)
-  2  bad usage or configuration
+  2  bad usage or configuration (also: staging is production, a write concern staging refuses, a view)
   3  a runtime failure (a server unreachable past sync.startup_timeout, a fatal sync error)";
 
 #[derive(Parser, Debug)]

@@ -11,10 +11,23 @@ use crate::verify::{Drift, Report};
 /// Examples per kind of drift in human output (JSON keeps all).
 const EXAMPLES: usize = 5;
 
-/// `check`: what was verified, line by line; true when everything passed. Creates nothing.
-pub async fn check(ctx: &Context) -> bool {
+/// What `check` found.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CheckOutcome {
+    /// A check failed (exit 1)…
+    pub failed: bool,
+    /// …or the configuration cannot work against these servers (exit 2): staging is
+    /// production, an unusable write concern, a view.
+    pub refused: bool,
+}
+
+/// `check`: what was verified, line by line. Writes nothing but what the refusals need (an
+/// identity marker, deleted right away, only when a database name on the target side is
+/// production's; a write-concern probe that deletes nothing).
+pub async fn check(ctx: &Context) -> CheckOutcome {
     let config = &ctx.config;
-    let mut ok = true;
+    let mut outcome = CheckOutcome::default();
+    let mut reachable = true;
     for (label, client) in [("production", &ctx.prod), ("staging", &ctx.staging)] {
         match client
             .database("admin")
@@ -26,7 +39,7 @@ pub async fn check(ctx: &Context) -> bool {
                 let mongos = hello.get_str("msg").ok() == Some("isdbgrid");
                 match (label, set, mongos) {
                     ("production", None, false) => {
-                        ok = false;
+                        outcome.failed = true;
                         println!("{label}: reachable, but NOT a replica set: change streams need a replica set or sharded cluster");
                     }
                     (_, Some(s), _) => println!("{label}: reachable (replica set `{s}`)"),
@@ -35,12 +48,38 @@ pub async fn check(ctx: &Context) -> bool {
                 }
             }
             Err(e) => {
-                ok = false;
-                println!("{label}: NOT reachable: {e}");
+                outcome.failed = true;
+                reachable = false;
+                println!("{label}: NOT reachable: {}", crate::retry::describe(&e));
             }
         }
     }
-    if ok {
+    let mut staging_is_production = false;
+    if reachable {
+        match crate::preflight::target_is_not_source(ctx).await {
+            Ok(()) => println!("target: not production's database"),
+            Err(e) => {
+                if e.is_usage() {
+                    outcome.refused = true;
+                    staging_is_production = true;
+                    println!("target: REFUSED: {e}");
+                } else {
+                    outcome.failed = true;
+                    println!("target: could NOT be compared with production: {e}");
+                }
+            }
+        }
+        match crate::preflight::collections_are_syncable(ctx).await {
+            Ok(()) => {}
+            Err(e) if e.is_usage() => {
+                outcome.refused = true;
+                println!("collections: REFUSED: {e}");
+            }
+            Err(e) => {
+                outcome.failed = true;
+                println!("collections: could NOT be listed: {e}");
+            }
+        }
         for c in &config.collections {
             let pipeline = ctx.pipeline(c);
             match crate::source::stream::open(
@@ -51,10 +90,32 @@ pub async fn check(ctx: &Context) -> bool {
             )
             .await
             {
-                Ok(_) => println!("production.{}: change stream opens", c.name),
+                Ok(stream) => {
+                    drop(stream);
+                    println!("production.{}: change stream opens", c.name)
+                }
                 Err(e) => {
-                    ok = false;
-                    println!("production.{}: change stream FAILED: {e}", c.name);
+                    outcome.failed = true;
+                    println!(
+                        "production.{}: change stream FAILED: {}",
+                        c.name,
+                        crate::retry::describe(&e)
+                    );
+                }
+            }
+        }
+        // Not even a write that deletes nothing goes to a staging that is production.
+        if !staging_is_production {
+            let w = crate::apply::describe_write_concern(&config.sync.write_concern);
+            match crate::preflight::write_concern_is_usable(ctx).await {
+                Ok(()) => println!("write concern {w}: accepted by staging"),
+                Err(e) if e.is_usage() => {
+                    outcome.refused = true;
+                    println!("write concern: REFUSED: {e}");
+                }
+                Err(e) => {
+                    outcome.failed = true;
+                    println!("write concern {w}: NOT confirmed: {e}");
                 }
             }
         }
@@ -62,7 +123,7 @@ pub async fn check(ctx: &Context) -> bool {
     match ctx.checkpoints.ping().await {
         Ok(()) => println!("checkpoint store: reachable"),
         Err(e) => {
-            ok = false;
+            outcome.failed = true;
             println!("checkpoint store: NOT reachable: {e}");
         }
     }
@@ -70,11 +131,16 @@ pub async fn check(ctx: &Context) -> bool {
     for c in &config.collections {
         let rules = crate::plan::Rules::new(&config.sync, c);
         let existing = crate::apply::existing_index_keys(&ctx.staging_db, c.target_name()).await;
+        let mut unique_index_missing = false;
         for spec in crate::apply::index_specs(&rules) {
             let key = spec.get_document("key").cloned().unwrap_or_default();
+            let unique = spec.get_bool("unique").unwrap_or(false);
             let state = match &existing {
                 Some(keys) if keys.contains(&key) => "exists",
-                Some(_) => "will be created",
+                Some(_) => {
+                    unique_index_missing |= unique;
+                    "will be created"
+                }
                 None => "collection does not exist yet; will be created",
             };
             println!(
@@ -85,12 +151,47 @@ pub async fn check(ctx: &Context) -> bool {
                 state
             );
         }
+        // Documents already sharing a business key make that index impossible.
+        if unique_index_missing && reachable && !staging_is_production {
+            let staging = ctx.staging_db.collection(c.target_name());
+            match crate::verify::duplicate_keys(&staging, &rules, crate::verify::KeyEquality::Index)
+                .await
+            {
+                Ok(dups) if dups.is_empty() => {}
+                Ok(dups) => {
+                    outcome.failed = true;
+                    let examples: Vec<String> = dups
+                        .iter()
+                        .take(3)
+                        .map(|d| format!("{} ({} documents)", d.business_key, d.documents))
+                        .collect();
+                    println!(
+                        "  staging.{}: FAILED: {} business key(s) are held by more than one document \
+                         (e.g. {}), so `run` cannot create the unique index stagesync_business_key. \
+                         Find them with `stagesync verify -c {} --collection {}` (\"duplicate business \
+                         key\"), merge or remove the duplicates, then check again",
+                        c.target_name(),
+                        dups.len(),
+                        examples.join("; "),
+                        config.path.display(),
+                        c.name
+                    );
+                }
+                Err(e) => {
+                    outcome.failed = true;
+                    println!(
+                        "  staging.{}: could NOT look for duplicate business keys: {e}",
+                        c.target_name()
+                    );
+                }
+            }
+        }
     }
     println!(
         "  {}.dead_letters: {{sync, collection, productionId, clusterTime}}",
         config.sync.metadata_database
     );
-    ok
+    outcome
 }
 
 pub fn verify(report: &Report) {

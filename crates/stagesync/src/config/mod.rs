@@ -474,6 +474,23 @@ impl Config {
                 ),
             ));
         }
+        match &sync.write_concern {
+            WriteConcernSetting::Nodes(0) => {
+                return Err(key_error(
+                    key("sync.write_concern"),
+                    "0 (unacknowledged writes) is not allowed: stagesync saves a checkpoint only after \
+                     staging acknowledged every write before it. Use \"majority\" (recommended), a \
+                     number of nodes such as 1, or a tag",
+                ))
+            }
+            WriteConcernSetting::Tag(t) if t.trim().is_empty() => {
+                return Err(key_error(
+                    key("sync.write_concern"),
+                    "must not be empty: use \"majority\" (recommended), a number of nodes such as 1, or a tag",
+                ))
+            }
+            _ => {}
+        }
         if sync.target_database_is_metadata(&self.target.database) {
             return Err(key_error(
                 key("sync.metadata_database"),
@@ -822,6 +839,18 @@ preserve = ["qa", "experiments.*"]
             (
                 with_sync("batch_max_wait_ms = \"soon\""),
                 "config error in <text> line 13: sync.batch_max_wait_ms: expected a number of milliseconds, or a duration such as \"100ms\", \"2s\" or \"1m 30s\", found \"soon\"",
+            ),
+            (
+                with_sync("write_concern = 0"),
+                "config error in <text> line 13: sync.write_concern: 0 (unacknowledged writes) is not allowed: stagesync saves a checkpoint only after staging acknowledged every write before it. Use \"majority\" (recommended), a number of nodes such as 1, or a tag",
+            ),
+            (
+                with_sync("write_concern = -1"),
+                "config error in <text> line 13: sync.write_concern: expected a number of nodes such as 1, or a tag such as \"majority\", found -1",
+            ),
+            (
+                with_sync("write_concern = \"\""),
+                "config error in <text> line 13: sync.write_concern: must not be empty: use \"majority\" (recommended), a number of nodes such as 1, or a tag",
             ),
             (
                 with_sync("write_concern = true"),

@@ -123,7 +123,7 @@ pub async fn read(
                 if failure == ErrorKind::HistoryLost
                     || (failure != ErrorKind::Transient && from_checkpoint)
                 {
-                    let _ = tx.send(history_lost(e.to_string())).await;
+                    let _ = tx.send(history_lost(crate::retry::describe(e))).await;
                     return;
                 }
                 if failure != ErrorKind::Transient {
@@ -232,7 +232,7 @@ pub async fn read(
                 }
                 Err(e) => {
                     if classify(&e) == ErrorKind::HistoryLost {
-                        let _ = tx.send(history_lost(e.to_string())).await;
+                        let _ = tx.send(history_lost(crate::retry::describe(&e))).await;
                         return;
                     }
                     // Send what was read (it is complete up to `position`), then reopen from there.
@@ -284,6 +284,6 @@ fn note_outage(
         .stream_closed(name, "production change stream unavailable");
     if outage.is_none() {
         *outage = Some(Instant::now());
-        tracing::warn!(collection = %name, error = %e, "production change stream unavailable; retrying with backoff until it is back");
+        tracing::warn!(collection = %name, error = %crate::retry::describe(e), "production change stream unavailable; retrying with backoff until it is back");
     }
 }

@@ -263,6 +263,16 @@ impl RedisServer {
     pub fn url(&self) -> String {
         self.0.url()
     }
+
+    /// Kills redis-server (an outage); [`RedisServer::restart`] brings it back on the same port.
+    pub fn stop(&mut self) {
+        self.0.stop();
+    }
+
+    /// Starts redis-server again on the same port (empty: it runs without persistence).
+    pub fn restart(&mut self) {
+        self.0.restart().unwrap_or_else(|e| panic!("{e:#}"));
+    }
 }
 
 /// `stagesync run -c FILE` as a child process (the real binary), its log in the test directory.
