@@ -79,9 +79,23 @@ impl Coordinator {
             if let Err(e) = self.reap().await {
                 break Err(e);
             }
-            self.renew().await;
-            if let Err(e) = self.balance(&shutdown).await {
-                tracing::warn!(error = %e, "cannot balance collection leases now; retrying at the next renewal");
+            // Lease work must never wait on a frozen server past the next renewal: the driver
+            // has no socket timeout, so each round is bounded here.
+            let round = self.store.ttl / 3;
+            if tokio::time::timeout(round, self.renew()).await.is_err() {
+                tracing::warn!(
+                    "renewing leases took longer than {round:?}; retrying at the next renewal"
+                );
+                continue;
+            }
+            match tokio::time::timeout(round, self.balance(&shutdown)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot balance collection leases now; retrying at the next renewal")
+                }
+                Err(_) => tracing::warn!(
+                    "balancing leases took longer than {round:?}; retrying at the next renewal"
+                ),
             }
         };
         self.stop_all().await;

@@ -317,12 +317,10 @@ async fn a_top_level_field_named_with_a_dot_stays_one_field_in_staging() {
 }
 
 #[tokio::test]
-#[ignore = "needs plan/merge.rs fix: dotted field names"]
 async fn a_field_named_with_a_dot_inside_an_embedded_document_stays_one_field() {
-    // The planner's `diff` turns a change of `profile["c.d"]` into the update path
-    // "profile.c.d", which MongoDB reads as profile → c → d. Top-level names are disambiguated
-    // after planning (see `apply::LiteralNames`); nested ones need `diff` to stop descending
-    // at such a key and set its nearest plain ancestor as a whole.
+    // A change of `profile["c.d"]` must not become the update path "profile.c.d", which
+    // MongoDB reads as profile → c → d: `diff` sets such a sub-document whole (top-level
+    // names are disambiguated after planning, see `apply::LiteralNames`).
     let pair = Pair::start();
     let (path, config) = pair.config("", ORDERS);
     let engine = Engine::start(config).await;

@@ -133,7 +133,13 @@ fn diff_into(
         match before.get(k) {
             Some(old) if old == new => {}
             Some(Bson::Document(old_sub)) if plain_key(k) => match new {
-                Bson::Document(new_sub) if !new_sub.is_empty() && !old_sub.is_empty() => {
+                // Descend only where every name can be part of a dotted path: a field named
+                // "c.d" inside would be read as c → d, so such a sub-document is set whole.
+                Bson::Document(new_sub)
+                    if !new_sub.is_empty()
+                        && !old_sub.is_empty()
+                        && old_sub.keys().chain(new_sub.keys()).all(|k| plain_key(k)) =>
+                {
                     diff_into(old_sub, new_sub, &format!("{path}."), set, unset)
                 }
                 _ => {
