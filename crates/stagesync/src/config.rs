@@ -383,7 +383,7 @@ fn check_path(key: &str, p: &str, wildcard: bool) -> Result<(), String> {
     let bad = p.is_empty()
         || p.split('.')
             .any(|s| s.is_empty() || s.starts_with('$') || (!wildcard && s == "*"))
-        || p == "_id";
+        || (p == "_id" && !key.ends_with(".mask"));
     if bad {
         let also = if wildcard {
             " (`*` matches any one segment)"

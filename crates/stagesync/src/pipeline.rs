@@ -12,6 +12,7 @@
 //! the same lookup → plan → apply path, so the rules are the same whichever way a document
 //! arrives. What happens around it — snapshot or stream, history lost — is [`crate::engine`].
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -25,7 +26,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::CollectionConfig;
 use crate::context::Context;
 use crate::error::{MongoContext, Result, SyncError};
-use crate::plan::{plan_batch, Failed, Outcome, Rules, Skip};
+use crate::plan::{mask_moved_values, plan_batch, Failed, Outcome, Rules, Skip};
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
 use crate::source::stream::{self, Batch, ReaderMessage, ReaderSettings, StartAt};
@@ -103,12 +104,13 @@ impl Pipeline {
     /// in the dead-letter queue (unless replaying one). `Err` only for trouble with the whole
     /// request (the caller retries the batch: replays are no-ops thanks to the order rule).
     pub async fn apply_changes(&self, changes: &[Change], origin: Origin) -> Result<BatchReport> {
-        let (mut outcomes, duplicate_key) = self.plan_and_write(changes, true).await?;
+        // From here on `changes` are the ones planned: masked with staging's knowledge too.
+        let (changes, mut outcomes, duplicate_key) = self.plan_and_write(changes, true).await?;
         // A duplicate key error can come from two documents of the batch trading keys in
         // parallel chunks; try those once more, alone, now that the rest is written.
         if !duplicate_key.is_empty() {
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
-            let (second, _) = self.plan_and_write(&retry, false).await?;
+            let (_, second, _) = self.plan_and_write(&retry, false).await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
                 outcomes[i] = second[k].clone();
             }
@@ -200,15 +202,18 @@ impl Pipeline {
         Ok(existing)
     }
 
-    /// Returns each change's outcome and, when `set_aside_duplicate_keys`, the indices whose
-    /// write hit a duplicate key (left for a second pass instead of failing them now).
-    async fn plan_and_write(
+    /// Returns the changes as planned (with the values staging knows to be personal masked:
+    /// [`crate::plan::mask_moved_values`]), each change's outcome and, when
+    /// `set_aside_duplicate_keys`, the indices whose write hit a duplicate key (left for a
+    /// second pass instead of failing them now).
+    async fn plan_and_write<'c>(
         &self,
-        changes: &[Change],
+        changes: &'c [Change],
         set_aside_duplicate_keys: bool,
-    ) -> Result<(Vec<Outcome>, Vec<usize>)> {
+    ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>)> {
         let existing = self.fetch_existing(changes).await?;
-        let plan = plan_batch(&self.rules, changes, existing, DateTime::now());
+        let changes = mask_moved_values(&self.rules, &self.masker, changes, &existing);
+        let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
         let results = self.applier.apply(&plan.writes).await?;
         let mut outcomes = plan.outcomes;
         let mut duplicate_key = Vec::new();
@@ -227,7 +232,7 @@ impl Pipeline {
             }
         }
         duplicate_key.sort_unstable();
-        Ok((outcomes, duplicate_key))
+        Ok((changes, outcomes, duplicate_key))
     }
 
     async fn dead_letter(&self, c: &Change, f: &Failed) -> Result<()> {
