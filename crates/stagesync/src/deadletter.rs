@@ -371,6 +371,7 @@ mod tests {
                 increment: 1,
             },
             wall_time: None,
+            pii: vec![],
         }
     }
 

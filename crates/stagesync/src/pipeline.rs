@@ -12,6 +12,7 @@
 //! the same lookup → plan → apply path, so the rules are the same whichever way a document
 //! arrives. What happens around it — snapshot or stream, history lost — is [`crate::engine`].
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use crate::context::Context;
 use crate::error::{ErrorKind, MongoContext, Result, SyncError};
 use crate::lease::Fence;
 use crate::metrics::Side;
-use crate::plan::{plan_batch, Failed, Outcome, Rules, Skip};
+use crate::plan::{mask_moved_values, plan_batch, Failed, Outcome, Rules, Skip};
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
 use crate::source::stream::{self, Batch, ReaderMessage, ReaderSettings, StartAt};
@@ -139,12 +140,13 @@ impl Pipeline {
     /// in the dead-letter queue (unless replaying one). `Err` only for trouble with the whole
     /// request (the caller retries the batch: replays are no-ops thanks to the order rule).
     pub async fn apply_changes(&self, changes: &[Change], origin: Origin) -> Result<BatchReport> {
-        let (mut outcomes, duplicate_key) = self.plan_and_write(changes, true).await?;
+        // From here on `changes` are the ones planned: masked with staging's knowledge too.
+        let (changes, mut outcomes, duplicate_key) = self.plan_and_write(changes, true).await?;
         // A duplicate key error can come from two documents of the batch trading keys in
         // parallel chunks; try those once more, alone, now that the rest is written.
         if !duplicate_key.is_empty() {
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
-            let (second, _) = self.plan_and_write(&retry, false).await?;
+            let (_, second, _) = self.plan_and_write(&retry, false).await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
                 outcomes[i] = second[k].clone();
             }
@@ -216,17 +218,20 @@ impl Pipeline {
         Ok(existing)
     }
 
-    /// Returns each change's outcome and, when `set_aside_duplicate_keys`, the indices whose
-    /// write hit a duplicate key (left for a second pass instead of failing them now).
-    async fn plan_and_write(
+    /// Returns the changes as planned (with the values staging knows to be personal masked:
+    /// [`crate::plan::mask_moved_values`]), each change's outcome and, when
+    /// `set_aside_duplicate_keys`, the indices whose write hit a duplicate key (left for a
+    /// second pass instead of failing them now).
+    async fn plan_and_write<'c>(
         &self,
-        changes: &[Change],
+        changes: &'c [Change],
         set_aside_duplicate_keys: bool,
-    ) -> Result<(Vec<Outcome>, Vec<usize>)> {
+    ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>)> {
         let existing = self.fetch_existing(changes).await?;
+        let changes = mask_moved_values(&self.rules, &self.masker, changes, &existing);
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
-        let names = crate::apply::LiteralNames::collect(&existing, changes);
-        let plan = plan_batch(&self.rules, changes, existing, DateTime::now());
+        let names = crate::apply::LiteralNames::collect(&existing, &changes);
+        let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
         let guards: Vec<Option<mongodb::bson::Timestamp>> = plan
@@ -255,7 +260,7 @@ impl Pipeline {
             }
         }
         duplicate_key.sort_unstable();
-        Ok((outcomes, duplicate_key))
+        Ok((changes, outcomes, duplicate_key))
     }
 
     async fn dead_letter(&self, c: &Change, f: &Failed) -> Result<()> {

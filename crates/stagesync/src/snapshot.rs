@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::Checkpoint;
 use crate::error::{MongoContext, Result};
 use crate::pipeline::{Origin, Pipeline};
-use crate::source::change::{Change, Op};
+use crate::source::change::Change;
 use crate::source::scan;
 
 /// Copies one collection. Returns the operation time the change stream must start at, or `None`
@@ -184,38 +184,47 @@ async fn prune_stale(
         })
         .collect();
     let mut pruned = 0;
+    let checking = || {
+        format!(
+            "checking which production.{} documents still exist",
+            cs.name
+        )
+    };
+    // With a masked `_id`, staging holds masked ids only: production's ids are read once and
+    // masked to find which candidates still exist (see `transform::ids`).
+    let still_there = if cs.masker.masks_id() {
+        Some(
+            crate::transform::ids::find_raw_ids(&cs.source, &cs.masker, &ids)
+                .await
+                .with_context(checking)?,
+        )
+    } else {
+        None
+    };
     for chunk in ids.chunks(1000) {
-        let what = || {
-            format!(
-                "checking which production.{} documents still exist",
-                cs.name
-            )
+        let present: std::collections::HashSet<Vec<u8>> = match &still_there {
+            Some(raw) => chunk
+                .iter()
+                .filter(|id| raw.contains(id))
+                .map(crate::plan::canonical)
+                .collect(),
+            None => cs
+                .source
+                .find(doc! { "_id": { "$in": chunk.to_vec() } })
+                .projection(doc! { "_id": 1 })
+                .await
+                .with_context(checking)?
+                .try_collect::<Vec<Document>>()
+                .await
+                .with_context(checking)?
+                .iter()
+                .filter_map(|d| d.get("_id").map(crate::plan::canonical))
+                .collect(),
         };
-        let present: Vec<Document> = cs
-            .source
-            .find(doc! { "_id": { "$in": chunk.to_vec() } })
-            .projection(doc! { "_id": 1 })
-            .await
-            .with_context(what)?
-            .try_collect()
-            .await
-            .with_context(what)?;
-        let present: std::collections::HashSet<Vec<u8>> = present
-            .iter()
-            .filter_map(|d| d.get("_id").map(crate::plan::canonical))
-            .collect();
         let gone: Vec<Change> = chunk
             .iter()
             .filter(|id| !present.contains(&crate::plan::canonical(id)))
-            .map(|id| Change {
-                op: Op::Delete,
-                prod_id: id.clone(),
-                doc: None,
-                updated_fields: None,
-                removed_fields: vec![],
-                cluster_time: read_time,
-                wall_time: Some(DateTime::now()),
-            })
+            .map(|id| Change::delete(id.clone(), read_time, Some(DateTime::now())))
             .collect();
         if gone.is_empty() {
             continue;

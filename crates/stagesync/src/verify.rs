@@ -23,8 +23,9 @@ use serde::Serialize;
 use crate::config::DeleteMode;
 use crate::error::{MongoContext, Result};
 use crate::pipeline::Pipeline;
-use crate::plan::{canonical, meta_of, plan_batch, Outcome, WriteOp};
+use crate::plan::{canonical, mask_moved_values, meta_of, plan_batch, Outcome, WriteOp};
 use crate::source::change::Change;
+use crate::transform::ids;
 
 const CHUNK: usize = 1000;
 
@@ -39,6 +40,9 @@ pub struct Drift {
     /// Why the sync cannot apply this document (e.g. `key_collision`), when that is the cause.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The (masked) production `_id` as a value, to check it against production again.
+    #[serde(skip)]
+    masked_production_id: Option<Bson>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -119,10 +123,7 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
             .await
             .with_context(reading_prod)?
             .into_iter()
-            .filter_map(|mut d| {
-                cs.masker.mask_document(&mut d);
-                Change::from_snapshot(d, far_future, now)
-            })
+            .filter_map(|d| Change::from_production(d, &cs.masker, far_future, now))
             .collect();
         if chunk.is_empty() {
             break;
@@ -145,6 +146,17 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
         .with_options(options)
         .await
         .with_context(reading_staging)?;
+    // With a masked `_id`, staging's ids are checked against production's ids read once and
+    // masked (8 bytes per production document); those not found are read again at the end.
+    let masked_ids = if cs.masker.masks_id() && rules.deletes != DeleteMode::Ignore {
+        Some(
+            ids::masked_id_set(&cs.source, &cs.masker)
+                .await
+                .with_context(reading_prod)?,
+        )
+    } else {
+        None
+    };
     loop {
         let chunk = next_chunk(&mut staging)
             .await
@@ -153,7 +165,23 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
             break;
         }
         report.staging_checked += chunk.len() as u64;
-        compare_staging_chunk(cs, &chunk, &mut report).await?;
+        compare_staging_chunk(cs, &chunk, masked_ids.as_ref(), &mut report).await?;
+    }
+    if masked_ids.is_some() && !report.stale_not_deleted.is_empty() {
+        // Inserted in production (and synced) while staging was being read: not stale.
+        let suspects: Vec<Bson> = report
+            .stale_not_deleted
+            .iter()
+            .filter_map(|d| d.masked_production_id.clone())
+            .collect();
+        let found = ids::find_raw_ids(&cs.source, &cs.masker, &suspects)
+            .await
+            .with_context(reading_prod)?;
+        report.stale_not_deleted.retain(|d| {
+            !d.masked_production_id
+                .as_ref()
+                .is_some_and(|id| found.contains(id))
+        });
     }
 
     // Duplicate business keys, compared as the sync compares them.
@@ -306,6 +334,7 @@ async fn compare_production_chunk(
 ) -> Result<()> {
     let rules = &cs.rules;
     let existing = cs.fetch_existing(changes).await?;
+    let changes = &*mask_moved_values(rules, &cs.masker, changes, &existing);
     let by_id: HashMap<Vec<u8>, Document> = existing
         .iter()
         .filter_map(|d| Some((canonical(d.get("_id")?), d.clone())))
@@ -357,7 +386,7 @@ async fn compare_production_chunk(
                     production_id,
                     staging_id: id_text(Some(id)),
                     fields: fields.into_iter().collect(),
-                    reason: None,
+                    ..Default::default()
                 };
                 if was_deleted {
                     report.deleted_but_present.push(drift);
@@ -376,6 +405,7 @@ async fn compare_production_chunk(
 async fn compare_staging_chunk(
     cs: &Pipeline,
     docs: &[Document],
+    masked_ids: Option<&ids::MaskedIdSet>,
     report: &mut CollectionReport,
 ) -> Result<()> {
     let rules = &cs.rules;
@@ -390,18 +420,25 @@ async fn compare_staging_chunk(
                 .cloned()
         })
         .collect();
-    let present: HashSet<Vec<u8>> = cs
-        .source
-        .find(doc! { "_id": { "$in": ids } })
-        .projection(doc! { "_id": 1 })
-        .await
-        .with_context(|| format!("reading production.{}", cs.name))?
-        .try_collect::<Vec<Document>>()
-        .await
-        .with_context(|| format!("reading production.{}", cs.name))?
-        .iter()
-        .filter_map(|d| d.get("_id").map(canonical))
-        .collect();
+    let present: HashSet<Vec<u8>> = match masked_ids {
+        Some(set) => ids
+            .iter()
+            .filter(|id| set.contains(id))
+            .map(canonical)
+            .collect(),
+        None => cs
+            .source
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "_id": 1 })
+            .await
+            .with_context(|| format!("reading production.{}", cs.name))?
+            .try_collect::<Vec<Document>>()
+            .await
+            .with_context(|| format!("reading production.{}", cs.name))?
+            .iter()
+            .filter_map(|d| d.get("_id").map(canonical))
+            .collect(),
+    };
     for d in docs {
         let Some(id) = meta_of(d, &rules.meta_field).and_then(|m| m.get("id")) else {
             continue;
@@ -416,6 +453,7 @@ async fn compare_staging_chunk(
                 business_key: key,
                 production_id: id_text(Some(id)),
                 staging_id: id_text(d.get("_id")),
+                masked_production_id: masked_ids.map(|_| id.clone()),
                 ..Default::default()
             });
         }

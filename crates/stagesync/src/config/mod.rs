@@ -589,7 +589,11 @@ impl Config {
             }
             for (path, rule) in &c.mask {
                 let key = at.key("mask").key(path);
-                check_path(key.clone(), path, true)?;
+                // `_id` may be masked ("_id" = "hash"): it stays deterministic, so matching
+                // and references still work.
+                if path != "_id" {
+                    check_path(key.clone(), path, true)?;
+                }
                 if MaskRule::parse(rule).is_none() {
                     return Err(key_error(
                         key,

@@ -20,6 +20,7 @@
 
 mod merge;
 pub mod paths;
+mod pii;
 
 use std::collections::HashMap;
 
@@ -27,6 +28,7 @@ use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
 
 pub use merge::diff;
 pub use paths::{get_path, PathPatterns};
+pub use pii::{mask_moved_values, PII_FIELD};
 
 use crate::config::{CollectionConfig, Conflict, DeleteMode, SyncSettings};
 use crate::source::change::{Change, Op};
@@ -471,6 +473,33 @@ impl<'r> Working<'r> {
             .unwrap_or(false)
     }
 
+    /// Adds fingerprints to slot `i`'s `_sync.pii` (nothing else changes, not even `ts`);
+    /// true when some were new.
+    fn remember_pii(&mut self, i: usize, pii: &[String]) -> bool {
+        let meta_field = &self.rules.meta_field;
+        let doc = self.slots[i]
+            .current
+            .as_mut()
+            .expect("located slots are live");
+        let mut meta = meta_of(doc, meta_field).cloned().unwrap_or_default();
+        let mut known: std::collections::BTreeSet<String> = meta
+            .get_array(PII_FIELD)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let before = known.len();
+        known.extend(pii.iter().cloned());
+        if known.len() == before {
+            return false;
+        }
+        meta.insert(PII_FIELD, known.into_iter().collect::<Vec<_>>());
+        doc.insert(meta_field.clone(), meta);
+        true
+    }
+
     fn owner(&self, i: usize) -> Option<&Bson> {
         meta_of(self.doc(i), &self.rules.meta_field).and_then(|m| m.get("id"))
     }
@@ -502,8 +531,19 @@ pub fn plan_batch(
         .enumerate()
         .map(|(i, c)| {
             let (outcome, slot) = plan_change(&mut w, c, now);
-            if let (Outcome::Applied, Some(s)) = (&outcome, slot) {
-                w.slots[s].changes.push(i);
+            match (&outcome, slot) {
+                (Outcome::Applied, Some(s)) => w.slots[s].changes.push(i),
+                // A change that fails still shows personal values: its document remembers their
+                // fingerprints, so that a later `$rename` of one is masked — in staging and in
+                // the dead letter of the next failure alike.
+                (Outcome::Failed(_), _) if !c.pii.is_empty() => {
+                    if let Some(s) = w.find_by_prod_id(&c.prod_id) {
+                        if w.remember_pii(s, &c.pii) {
+                            w.slots[s].changes.push(i);
+                        }
+                    }
+                }
+                _ => {}
             }
             outcome
         })
@@ -667,6 +707,11 @@ fn merge_change(rules: &Rules, staging: &mut Document, prod: &Document, c: &Chan
     let prior = prior_owners_after(meta_of(staging, &rules.meta_field), &c.prod_id);
     if !prior.is_empty() {
         meta.insert("prior", prior);
+    }
+    // Fingerprints of the document's personal values, so a later `$rename` of one is still
+    // masked (see `pii`).
+    if !c.pii.is_empty() {
+        meta.insert(PII_FIELD, c.pii.clone());
     }
     staging.insert(rules.meta_field.clone(), meta);
 }

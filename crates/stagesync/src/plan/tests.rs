@@ -36,6 +36,7 @@ fn change(op: Op, id: i32, doc: Option<Document>, n: u32) -> Change {
         removed_fields: vec![],
         cluster_time: ts(n),
         wall_time: Some(DateTime::from_millis(1_000_000 + n as i64)),
+        pii: vec![],
     }
 }
 
@@ -443,6 +444,109 @@ fn diff_descends_into_documents_and_unsets_removed_paths() {
     );
     assert_eq!(set, doc! { "a": 2, "b.z": 3, "new": "n" });
     assert_eq!(unset, doc! { "b.y": "", "gone": "" });
+}
+
+#[test]
+fn recorded_fingerprints_mask_a_value_renamed_off_its_masked_path() {
+    use crate::config::MaskingSettings;
+    let settings = MaskingSettings {
+        key: "0123456789abcdef-plan-test".into(),
+        email_domain: "example.com".into(),
+        redact_text: "[redacted]".into(),
+    };
+    let masker = crate::transform::Masker::new(
+        Some(&settings),
+        &[("ssn".to_string(), "hash".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    // An insert with the SSN where the rule names it, then `$rename: {ssn: legacySsn}`.
+    let mut inserted = doc! { "_id": 1, "email": "a", "acct": 1, "ssn": "123-45-6789" };
+    let pii = masker.mask_event(Some(&mut inserted), None);
+    assert_eq!(pii.len(), 1);
+    let hashed = inserted.get_str("ssn").unwrap().to_owned();
+    let mut first = change(Op::Insert, 1, Some(inserted), 1);
+    first.pii = pii.clone();
+    let mut renamed_doc = doc! { "_id": 1, "email": "a", "acct": 1, "legacySsn": "123-45-6789" };
+    let mut renamed_upd = doc! { "legacySsn": "123-45-6789" };
+    let own = masker.mask_event(Some(&mut renamed_doc), Some(&mut renamed_upd));
+    assert!(own.is_empty(), "the event alone shows nothing personal");
+    let mut second = change(Op::Update, 1, Some(renamed_doc), 2);
+    second.updated_fields = Some(renamed_upd);
+
+    // Within one batch: the insert's fingerprints reach the rename.
+    let r = rules();
+    let both = [first.clone(), second.clone()];
+    let masked = mask_moved_values(&r, &masker, &both, &[]);
+    let m = &masked[1];
+    assert_eq!(
+        m.doc.as_ref().unwrap().get_str("legacySsn"),
+        Ok(hashed.as_str())
+    );
+    assert_eq!(
+        m.updated_fields.as_ref().unwrap().get_str("legacySsn"),
+        Ok(hashed.as_str())
+    );
+    assert_eq!(
+        m.pii, pii,
+        "the value is still the document's: recorded again"
+    );
+    // Idempotent.
+    let twice = mask_moved_values(&r, &masker, &masked, &[]);
+    assert!(matches!(twice, std::borrow::Cow::Borrowed(_)));
+
+    // Across batches: staging's `_sync.pii` reaches it.
+    let mut staging = vec![];
+    let plan = plan_now(&[first], &staging);
+    apply(&mut staging, &plan);
+    assert_eq!(
+        staging[0]
+            .get_document("_sync")
+            .unwrap()
+            .get_array("pii")
+            .unwrap(),
+        &pii.iter()
+            .map(|f| Bson::String(f.clone()))
+            .collect::<Vec<_>>()
+    );
+    let later = [second];
+    let masked = mask_moved_values(&r, &masker, &later, &staging);
+    assert_eq!(
+        masked[0].doc.as_ref().unwrap().get_str("legacySsn"),
+        Ok(hashed.as_str())
+    );
+    // A change that fails (here: a key collision) still leaves its fingerprints with its
+    // document, so a later rename of the value is masked too.
+    let mut collide_doc = doc! { "_id": 1, "email": "b", "acct": 1, "ssn": "999" };
+    let collide_pii = masker.mask_event(Some(&mut collide_doc), None);
+    let mut collide = change(Op::Update, 1, Some(collide_doc), 5);
+    collide.pii = collide_pii.clone();
+    let mut holder = staging.clone();
+    holder.push(doc! { "_id": "other", "email": "b", "acct": 1 });
+    let plan = plan_now(&[collide], &holder);
+    assert!(matches!(&plan.outcomes[0], Outcome::Failed(f) if f.code == "key_collision"));
+    assert!(
+        matches!(&plan.writes[..], [PlannedWrite { op: WriteOp::Update { set, .. }, .. }]
+            if set.keys().all(|k| k.starts_with("_sync.pii")) && !set.is_empty()),
+        "{:?}",
+        plan.writes
+    );
+    apply(&mut holder, &plan);
+    let mut moved = doc! { "_id": 1, "email": "b", "acct": 1, "f": "999" };
+    assert!(masker.mask_event(Some(&mut moved), None).is_empty());
+    let later = [change(Op::Update, 1, Some(moved), 6)];
+    let masked = mask_moved_values(&r, &masker, &later, &holder);
+    assert_ne!(masked[0].doc.as_ref().unwrap().get_str("f"), Ok("999"));
+    // A document without the value any more drops the fingerprint.
+    let gone = [change(
+        Op::Replace,
+        1,
+        Some(doc! { "_id": 1, "email": "a", "acct": 1 }),
+        3,
+    )];
+    assert!(mask_moved_values(&r, &masker, &gone, &staging)[0]
+        .pii
+        .is_empty());
 }
 
 /// Production operations on a few documents, for the coalescing property.

@@ -32,7 +32,8 @@ impl Op {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub op: Op,
-    /// The production `_id` (never masked: it is only used to find the staging document again).
+    /// The production `_id` as staging records it (`_sync.id`): masked when a rule names `_id`
+    /// (deterministic, so it still finds the staging document again), else as it is.
     pub prod_id: Bson,
     /// The production document after the change (insert/replace: the event's; update: looked up
     /// at read time, so possibly newer than the event, or `None` when deleted since). Always
@@ -45,10 +46,29 @@ pub struct Change {
     pub cluster_time: Timestamp,
     /// Production's wall clock at the change (MongoDB 6.0+); used for `deletedAt` and lag.
     pub wall_time: Option<DateTime>,
+    /// Keyed fingerprints of the personal values of `doc` (`"<rule>:<hex>"`, sorted), recorded
+    /// in the staging document's `_sync.pii` so that a value moved off its masked path by a
+    /// later change is still recognised (see `transform`). Never the values themselves.
+    pub pii: Vec<String>,
 }
 
 impl Change {
-    /// A change for a document read by a snapshot: applied like a replace at `read_time`.
+    /// A change for a raw production document read by a snapshot, `verify` or `dlq replay`:
+    /// masked here (its `_id` too, when a rule names it), applied like a replace at `read_time`.
+    pub fn from_production(
+        mut raw: Document,
+        masker: &Masker,
+        read_time: Timestamp,
+        wall_time: DateTime,
+    ) -> Option<Change> {
+        let pii = masker.mask_event(Some(&mut raw), None);
+        let mut change = Change::from_snapshot(raw, read_time, wall_time)?;
+        change.pii = pii;
+        Some(change)
+    }
+
+    /// A change for an already masked document read by a snapshot: applied like a replace at
+    /// `read_time`. (No personal-value fingerprints: prefer [`Change::from_production`].)
     pub fn from_snapshot(
         doc: Document,
         read_time: Timestamp,
@@ -63,7 +83,22 @@ impl Change {
             removed_fields: vec![],
             cluster_time: read_time,
             wall_time: Some(wall_time),
+            pii: vec![],
         })
+    }
+
+    /// A delete of production `_id` `prod_id` (already masked) at `cluster_time`.
+    pub fn delete(prod_id: Bson, cluster_time: Timestamp, wall_time: Option<DateTime>) -> Change {
+        Change {
+            op: Op::Delete,
+            prod_id,
+            doc: None,
+            updated_fields: None,
+            removed_fields: vec![],
+            cluster_time,
+            wall_time,
+            pii: vec![],
+        }
     }
 
     /// The change as stored in a dead letter: no unmasked value is ever in it.
@@ -140,22 +175,19 @@ pub fn convert(ev: ChangeStreamEvent<Document>, masker: &Masker) -> Event {
             op: format!("{} without clusterTime or documentKey", op.as_str()),
         };
     };
+    let prod_id = masker.mask_id(prod_id);
     let mut doc = if op == Op::Delete {
         None
     } else {
         ev.full_document
     };
-    if let Some(d) = doc.as_mut() {
-        masker.mask_document(d);
-    }
-    let (updated_fields, removed_fields) = match ev.update_description {
-        Some(u) => {
-            let mut updated = u.updated_fields;
-            masker.mask_updated_fields(&mut updated);
-            (Some(updated), u.removed_fields)
-        }
+    let (mut updated_fields, removed_fields) = match ev.update_description {
+        Some(u) => (Some(u.updated_fields), u.removed_fields),
         None => (None, vec![]),
     };
+    // The document, the update description and `_id`, masked together: a value copied or
+    // renamed away from a masked path in this event is masked wherever it landed.
+    let pii = masker.mask_event(doc.as_mut(), updated_fields.as_mut());
     Event::Change(Box::new(Change {
         op,
         prod_id,
@@ -164,12 +196,59 @@ pub fn convert(ev: ChangeStreamEvent<Document>, masker: &Masker) -> Event {
         removed_fields,
         cluster_time,
         wall_time: ev.wall_time,
+        pii,
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rename_and_an_email_id_are_masked_as_they_are_converted() {
+        let settings = crate::config::MaskingSettings {
+            key: "0123456789abcdef-change-test".into(),
+            email_domain: "example.com".into(),
+            redact_text: "[redacted]".into(),
+        };
+        let rules = [("_id", "hash"), ("ssn", "hash"), ("email", "email")]
+            .iter()
+            .map(|(p, r)| (p.to_string(), r.to_string()))
+            .collect();
+        let masker = Masker::new(Some(&settings), &rules);
+        let event: ChangeStreamEvent<Document> = mongodb::bson::from_document(doc! {
+            "_id": { "_data": "00" },
+            "operationType": "update",
+            "clusterTime": Timestamp { time: 5, increment: 1 },
+            "ns": { "db": "p", "coll": "u" },
+            "documentKey": { "_id": "ann@x.com" },
+            "fullDocument": { "_id": "ann@x.com", "email": "ann@x.com", "legacySsn": "123-45-6789", "ssn": "123-45-6789" },
+            "updateDescription": {
+                "updatedFields": { "legacySsn": "123-45-6789", "alias": "ann@x.com" },
+                "removedFields": ["old"],
+            },
+        })
+        .unwrap();
+        let Event::Change(c) = convert(event, &masker) else {
+            panic!("a document change");
+        };
+        assert_eq!(c.prod_id, masker.mask_id(Bson::from("ann@x.com")));
+        let text = Bson::Document(c.to_document())
+            .into_relaxed_extjson()
+            .to_string();
+        assert!(!text.contains("ann@x.com"), "{text}");
+        assert!(!text.contains("123-45-6789"), "{text}");
+        // Two personal values: the address (the id's and `email`'s; `hash` reveals less, so a
+        // copy takes the id's mask) and the SSN.
+        assert_eq!(c.pii.len(), 2, "{:?}", c.pii);
+        let full = c.doc.as_ref().unwrap();
+        assert_eq!(full.get("legacySsn"), full.get("ssn"));
+        assert_eq!(
+            c.updated_fields.as_ref().unwrap().get("alias"),
+            Some(&c.prod_id),
+            "a copy of the id is masked like the id"
+        );
+    }
 
     #[test]
     fn dead_letter_form_holds_the_masked_change() {
@@ -184,6 +263,7 @@ mod tests {
                 increment: 2,
             },
             wall_time: Some(DateTime::from_millis(1_000)),
+            pii: vec![],
         };
         assert_eq!(
             c.to_document(),

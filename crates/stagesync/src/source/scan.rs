@@ -1,5 +1,6 @@
 //! Source stage, snapshot part: reads a production collection's current documents in `_id`
-//! order, masked, in batches — the input of an initial snapshot.
+//! order, masked, in batches — the input of an initial snapshot. `last_id` (where a resumed
+//! snapshot continues) is the id as staging sees it: masked when a rule names `_id`.
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
@@ -32,6 +33,32 @@ pub async fn read_documents(
     let failed = |e: mongodb::error::Error| {
         SyncError::mongo(format!("reading production.{name} for the snapshot"), e)
     };
+    // A resumed snapshot's position is a masked `_id` when a rule names `_id` (progress is
+    // checkpointed as staging sees ids): find the production `_id` it stands for.
+    if let (true, Some(masked)) = (masker.masks_id(), last_id.take()) {
+        loop {
+            match crate::transform::ids::resume_after_masked(&source, &masker, &masked).await {
+                Ok(Some(raw)) => last_id = Some(raw),
+                Ok(None) => {
+                    tracing::info!(collection = %name, "the snapshot's last copied document is gone from production; copying from the start again");
+                }
+                Err(e) => {
+                    let e = failed(e);
+                    if !e.is_transient() {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    tracing::warn!(collection = %name, error = %e, "production unavailable while resuming the snapshot; retrying");
+                    if backoff.wait(&shutdown).await != Wait::Retry {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            break;
+        }
+        backoff.reset();
+    }
     'reopen: loop {
         let filter = match &last_id {
             Some(id) => doc! { "_id": { "$gt": id.clone() } },
@@ -63,10 +90,11 @@ pub async fn read_documents(
                 return;
             }
             match cursor.try_next().await {
-                Ok(Some(mut doc)) => {
-                    masker.mask_document(&mut doc);
-                    if let Some(change) = Change::from_snapshot(doc, read_time, wall) {
-                        last_id = Some(change.prod_id.clone());
+                Ok(Some(doc)) => {
+                    // The raw `_id` stays in memory only, to reopen the cursor after it.
+                    let raw_id = doc.get("_id").cloned();
+                    if let Some(change) = Change::from_production(doc, &masker, read_time, wall) {
+                        last_id = raw_id;
                         batch.push(change);
                     }
                     if batch.len() >= batch_size

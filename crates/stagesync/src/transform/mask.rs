@@ -33,6 +33,42 @@
 //! `name`, `phone` and `redact` rewrite every scalar leaf below where they win. Null values and
 //! missing fields are never touched (nothing is ever created).
 //!
+//! # Personal values: masking follows values, not only paths
+//!
+//! Rules name paths, but production operators move values between paths: `$rename` (the event
+//! says `removedFields: [ssn]`, `updatedFields: {legacySsn: <raw>}`), pipeline updates copying
+//! a field (`$set: {copy: "$ssn"}`), a replace or `$set` writing the same value under another
+//! name. Masking applies to the document as staging will hold it, after every operator:
+//!
+//! - a **personal value** is a raw scalar that a rule other than `keep` masks — by its path, in
+//!   the event's document or update description (for `_id` too, when a rule names it);
+//! - every scalar that **no rule reaches** (not `_id`, not under `keep`) and whose value equals a
+//!   personal value of the same event is masked with that value's rule ([`Masker::mask_event`]);
+//! - the document's personal values are recorded in staging as keyed fingerprints
+//!   (`_sync.pii: ["<rule>:<hex>"]`, 128 bits of `HMAC(key, "fingerprint" || 0x00 ||
+//!   canonical bytes)`: as one-way as `hash`, never the value). A later event of the same
+//!   document — whose masked path may be gone, as after a `$rename` — masks every unruled
+//!   scalar whose fingerprint is recorded ([`Masker::mask_known_values`], called by the planning
+//!   stage with the staging document in hand), and records it again; a fingerprint is dropped
+//!   once the document no longer holds its value anywhere.
+//!
+//! Equality is the canonical one of the keyed rules (type-aware; `5`, `5i64`, `5.0` are equal;
+//! strings exactly). Strings (not empty), numbers, dates, ObjectIds, binaries and timestamps can
+//! be personal; `null`, booleans and empty strings never are. One value personal under several
+//! rules is masked with the one that reveals least (remove, null, redact, hash, email, name,
+//! phone). The rule over-approximates: an unrelated field that happens to hold the same value
+//! (a quantity equal to a masked age) is masked too — give such a path `keep` to exempt it.
+//! What it cannot see: values derived by computation (a substring, `$toUpper`, a concatenation)
+//! and a move that happened in production before stagesync ever saw the value at its masked
+//! path (add a rule for the new path, then `stagesync snapshot`).
+//!
+//! # `_id`
+//!
+//! `"_id" = "hash"` masks the production `_id` wherever staging would see it: the document,
+//! the change's id, `_sync.id`, dead letters, logs ([`Masker::mask_id`]; a rule that would
+//! remove or null it acts as `hash`). Deterministic, so a production document keeps one staging
+//! identity. A top-level `*` never reaches `_id`.
+//!
 //! Values are never logged: nothing in this module formats a value, and `Debug` shows the rule
 //! paths, not the key.
 
@@ -123,6 +159,9 @@ impl Masker {
         };
         Masker {
             inner: Some(Arc::new(Inner {
+                masks_id: parsed
+                    .iter()
+                    .any(|r| r.action != MaskRule::Keep && r.path.split('.').next() == Some("_id")),
                 rules: parsed,
                 by_first,
                 any_first,
@@ -138,24 +177,131 @@ impl Masker {
         self.inner.is_none()
     }
 
-    /// Masks a whole document in place (paths are relative to its root).
+    /// True when a rule reaches the production `_id` (`"_id" = "hash"`, or a rule below it for
+    /// compound ids): change ids, recorded `_sync.id`s and dead letters then hold the masked id.
+    pub fn masks_id(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.masks_id)
+    }
+
+    /// The production `_id` as staging sees it: masked when a rule reaches `_id`, else as it is.
+    ///
+    /// Deterministic, so the same production document always maps to the same id. A rule that
+    /// would remove the id or make it `null` (which would merge every document into one) is
+    /// applied as `hash` instead; config validation should only accept `hash` for `_id`.
+    pub fn mask_id(&self, id: Bson) -> Bson {
+        match &self.inner {
+            Some(inner) if inner.masks_id => inner.mask_id(id),
+            _ => id,
+        }
+    }
+
+    /// Masks a whole document in place (paths are relative to its root), then the copies of its
+    /// personal values found elsewhere in it (see *Personal values* in the module documentation).
     pub fn mask_document(&self, doc: &mut Document) {
-        let Some(inner) = &self.inner else { return };
-        let mut states = Vec::new();
-        let mut removed: Vec<String> = Vec::new();
-        for (key, value) in doc.iter_mut() {
-            states.clear();
-            inner.root_step(key, &mut states);
-            if states.is_empty() {
-                continue;
+        self.mask_event(Some(doc), None);
+    }
+
+    /// Masks one production event in place — the document after the change and the update
+    /// description's `updatedFields`, either may be absent — and returns the fingerprints of its
+    /// personal values (to record in `_sync.pii`; see *Personal values* in the module documentation).
+    ///
+    /// 1. Every rule applies by path, to the document and to each updated path.
+    /// 2. Every scalar no rule reaches (not `_id`, not under `keep`) whose value equals a value
+    ///    step 1 masked anywhere in the event is masked with that value's rule.
+    pub fn mask_event(
+        &self,
+        full: Option<&mut Document>,
+        updated: Option<&mut Document>,
+    ) -> Vec<String> {
+        let Some(inner) = &self.inner else {
+            return vec![];
+        };
+        let mut personal = Personal::new();
+        let (mut full, mut updated) = (full, updated);
+        // 1. Raw personal values, before anything is masked.
+        if let Some(d) = full.as_deref_mut() {
+            inner.collect_document(d, &mut personal);
+        }
+        if let Some(u) = updated.as_deref_mut() {
+            inner.collect_updated(u, &mut personal);
+        }
+        // 2. Path rules.
+        if let Some(d) = full.as_deref_mut() {
+            inner.mask_paths(d);
+        }
+        if let Some(u) = updated.as_deref_mut() {
+            self.mask_updated_fields(u);
+        }
+        // 3. Copies of personal values under paths no rule names.
+        if !personal.is_empty() {
+            let mut mask_copy =
+                |v: &mut Bson| match candidate_bytes(v).and_then(|c| personal.get(&c)) {
+                    Some(&rule) => inner.apply_rule(v, rule),
+                    None => true,
+                };
+            if let Some(d) = full {
+                inner.walk_unruled_document(d, &mut mask_copy);
             }
-            if !inner.apply_node(value, &states, None) {
-                removed.push(key.clone());
+            if let Some(u) = updated {
+                inner.walk_unruled_updated(u, &mut mask_copy);
             }
         }
-        for key in removed {
-            doc.remove(key);
+        let mut out: Vec<String> = personal
+            .iter()
+            .map(|(bytes, rule)| fingerprint_text(*rule, &inner.fingerprint(bytes)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Masks, in an already masked event, every scalar no rule reaches whose value has one of
+    /// `fingerprints` (`"<rule>:<hex>"`, from [`Masker::mask_event`] of an earlier event of the
+    /// same document): values that left a masked path — `$rename`, a pipeline copy — and are
+    /// not in this event's masked paths any more. Returns the fingerprints found (sorted).
+    ///
+    /// Idempotent: a masked value never has the fingerprint of a raw one.
+    pub fn mask_known_values(
+        &self,
+        full: Option<&mut Document>,
+        updated: Option<&mut Document>,
+        fingerprints: &[String],
+    ) -> Vec<String> {
+        let Some(inner) = &self.inner else {
+            return vec![];
+        };
+        let mut wanted: HashMap<[u8; FINGERPRINT_BYTES], MaskRule> = HashMap::new();
+        for text in fingerprints {
+            if let Some((rule, fp)) = parse_fingerprint(text) {
+                let slot = wanted.entry(fp).or_insert(rule);
+                *slot = stronger(*slot, rule);
+            }
         }
+        if wanted.is_empty() {
+            return vec![];
+        }
+        let mut found: Vec<String> = Vec::new();
+        let mut mask_known = |v: &mut Bson| {
+            let Some(bytes) = candidate_bytes(v) else {
+                return true;
+            };
+            let fp = inner.fingerprint(&bytes);
+            match wanted.get(&fp) {
+                Some(&rule) => {
+                    found.push(fingerprint_text(rule, &fp));
+                    inner.apply_rule(v, rule)
+                }
+                None => true,
+            }
+        };
+        if let Some(d) = full {
+            inner.walk_unruled_document(d, &mut mask_known);
+        }
+        if let Some(u) = updated {
+            inner.walk_unruled_updated(u, &mut mask_known);
+        }
+        found.sort_unstable();
+        found.dedup();
+        found
     }
 
     /// Masks an update description's `updatedFields` in place: keys are dotted paths
@@ -164,7 +310,8 @@ impl Masker {
     /// Rules under a key mask inside its value; a rule at or above a key applies to the value as a
     /// whole (numeric segments of the key are array indices, matched by `*` or the same number).
     /// A key is dropped when a `remove` rule wins on it, or when `null`/`remove` wins on one of its
-    /// ancestors (the masked document has no such field to set).
+    /// ancestors (the masked document has no such field to set). Path rules only: use
+    /// [`Masker::mask_event`] for a whole event.
     pub fn mask_updated_fields(&self, updated: &mut Document) {
         let Some(inner) = &self.inner else { return };
         let mut removed: Vec<String> = Vec::new();
@@ -185,6 +332,75 @@ impl Masker {
         };
         let mut value = value;
         inner.mask_at_path(path, &mut value).then_some(value)
+    }
+}
+
+/// Bytes of a fingerprint: 128 bits of `HMAC-SHA256(key, "fingerprint" || 0x00 || canonical)`.
+const FINGERPRINT_BYTES: usize = 16;
+
+/// Raw personal values of one event (canonical bytes) and the rule that masked each.
+type Personal = HashMap<Vec<u8>, MaskRule>;
+
+fn fingerprint_text(rule: MaskRule, fp: &[u8; FINGERPRINT_BYTES]) -> String {
+    format!("{}:{}", rule.as_str(), hex::encode(fp))
+}
+
+fn parse_fingerprint(text: &str) -> Option<(MaskRule, [u8; FINGERPRINT_BYTES])> {
+    let (rule, hex_fp) = text.split_once(':')?;
+    let rule = MaskRule::parse(rule).filter(|r| *r != MaskRule::Keep)?;
+    let bytes = hex::decode(hex_fp).ok()?;
+    Some((rule, bytes.try_into().ok()?))
+}
+
+/// When one value is personal under two rules, the one that reveals least wins (a fixed order,
+/// so the outcome does not depend on field order).
+fn stronger(a: MaskRule, b: MaskRule) -> MaskRule {
+    let rank = |r: MaskRule| match r {
+        MaskRule::Remove => 0,
+        MaskRule::Null => 1,
+        MaskRule::Redact => 2,
+        MaskRule::Hash => 3,
+        MaskRule::Email => 4,
+        MaskRule::Name => 5,
+        MaskRule::Phone => 6,
+        MaskRule::Keep => 7,
+    };
+    if rank(b) < rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// Records a raw value masked by `action` as personal (keep and no rule: not personal).
+fn note_personal(personal: &mut Personal, value: &Bson, action: Option<MaskRule>) {
+    let Some(rule) = action.filter(|a| *a != MaskRule::Keep) else {
+        return;
+    };
+    if let Some(bytes) = candidate_bytes(value) {
+        let slot = personal.entry(bytes).or_insert(rule);
+        *slot = stronger(*slot, rule);
+    }
+}
+
+/// The canonical bytes of a value that can carry personal data by itself: strings (not empty),
+/// numbers, dates, ObjectIds, binaries, timestamps… — not `null`, booleans, min/max keys, or
+/// documents and arrays (their leaves count one by one).
+fn candidate_bytes(v: &Bson) -> Option<Vec<u8>> {
+    match v {
+        Bson::Null
+        | Bson::Undefined
+        | Bson::Boolean(_)
+        | Bson::MinKey
+        | Bson::MaxKey
+        | Bson::Document(_)
+        | Bson::Array(_) => None,
+        Bson::String(s) if s.is_empty() => None,
+        other => {
+            let mut out = Vec::new();
+            feed_canonical(&mut out, other);
+            Some(out)
+        }
     }
 }
 
@@ -250,7 +466,21 @@ struct Inner {
     mac: HmacSha256,
     email_domain: String,
     redact_text: String,
+    /// Some rule other than `keep` reaches `_id`.
+    masks_id: bool,
 }
+
+/// Where a dotted path of `updatedFields` starts in the rules.
+enum PathStart {
+    /// `null` or `remove` wins on the path or an ancestor: the masked document has no such field.
+    Dropped(MaskRule),
+    /// The rules still matching at the path, and the winner among those that ended above it.
+    At(Vec<State>, Option<u32>),
+}
+
+/// Called on a scalar leaf with the action of the rule that wins on it (`None`: no rule reaches
+/// it); returns false to remove the leaf.
+type LeafFn<'f> = dyn FnMut(&mut Bson, Option<MaskRule>) -> bool + 'f;
 
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -358,34 +588,265 @@ impl Inner {
         }
     }
 
-    /// Masks the value at dotted `path` (from the document root). False when it must be dropped.
-    fn mask_at_path(&self, path: &str, value: &mut Bson) -> bool {
+    /// Where `path` (dotted, from the document root; numeric segments may be array indices)
+    /// stands in the rules.
+    fn path_start(&self, path: &str) -> PathStart {
         let mut segs = path.split('.');
         let first = segs.next().unwrap_or_default();
         let mut states = Vec::new();
         self.root_step(first, &mut states);
-        if states.is_empty() {
-            return true;
-        }
         let mut inherited = None;
         let mut next = Vec::new();
         for seg in segs {
+            if states.is_empty() {
+                break;
+            }
             let (winner, active) = self.fold(&states, inherited);
             inherited = winner;
-            if let Some(MaskRule::Null | MaskRule::Remove) = self.action(inherited) {
+            if let Some(a @ (MaskRule::Null | MaskRule::Remove)) = self.action(inherited) {
                 // An ancestor is null or gone in the masked document: nothing to set under it.
-                return false;
+                return PathStart::Dropped(a);
             }
             next.clear();
             if active {
                 self.step_path_seg(&states, seg, &mut next);
             }
             std::mem::swap(&mut states, &mut next);
-            if states.is_empty() && !self.action(inherited).is_some_and(MaskRule::is_per_leaf) {
-                return true;
+        }
+        PathStart::At(states, inherited)
+    }
+
+    /// Masks the value at dotted `path` (from the document root). False when it must be dropped.
+    fn mask_at_path(&self, path: &str, value: &mut Bson) -> bool {
+        match self.path_start(path) {
+            PathStart::Dropped(_) => false,
+            PathStart::At(states, inherited) => self.apply_node(value, &states, inherited),
+        }
+    }
+
+    /// The masked production `_id` (see [`Masker::mask_id`]).
+    fn mask_id(&self, id: Bson) -> Bson {
+        let mut masked = id.clone();
+        if self.mask_at_path("_id", &mut masked) && masked != Bson::Null {
+            return masked;
+        }
+        let mut hashed = id;
+        self.mask_all(&mut hashed, MaskRule::Hash);
+        hashed
+    }
+
+    /// Path rules on a whole document (`_id` through [`Inner::mask_id`]).
+    fn mask_paths(&self, doc: &mut Document) {
+        let mut states = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        for (key, value) in doc.iter_mut() {
+            if key == "_id" {
+                if self.masks_id {
+                    *value = self.mask_id(std::mem::replace(value, Bson::Null));
+                }
+                continue;
+            }
+            states.clear();
+            self.root_step(key, &mut states);
+            if states.is_empty() {
+                continue;
+            }
+            if !self.apply_node(value, &states, None) {
+                removed.push(key.clone());
             }
         }
-        self.apply_node(value, &states, inherited)
+        for key in removed {
+            doc.remove(key);
+        }
+    }
+
+    /// Adds the raw values a rule masks in a whole (unmasked) document to `personal`.
+    fn collect_document(&self, doc: &mut Document, personal: &mut Personal) {
+        let mut states = Vec::new();
+        for (key, value) in doc.iter_mut() {
+            states.clear();
+            self.root_step(key, &mut states);
+            if states.is_empty() {
+                continue;
+            }
+            let is_id = key == "_id";
+            self.walk(value, &states, None, &mut |v, action| {
+                let rule = match action {
+                    // `_id` is never removed or nulled, it is hashed (see `mask_id`).
+                    Some(MaskRule::Null | MaskRule::Remove) if is_id => Some(MaskRule::Hash),
+                    other => other,
+                };
+                note_personal(personal, v, rule);
+                true
+            });
+        }
+    }
+
+    /// Adds the raw values a rule masks in (unmasked) `updatedFields` to `personal`.
+    fn collect_updated(&self, updated: &mut Document, personal: &mut Personal) {
+        for (key, value) in updated.iter_mut() {
+            let mut note = |v: &mut Bson, action: Option<MaskRule>| {
+                note_personal(personal, v, action);
+                true
+            };
+            match self.path_start(key) {
+                PathStart::Dropped(rule) => {
+                    Self::walk_all(value, Some(rule), &mut note);
+                }
+                PathStart::At(states, inherited) => {
+                    self.walk(value, &states, inherited, &mut note);
+                }
+            }
+        }
+    }
+
+    /// Calls `f` on every scalar of a (masked) document that no rule reaches — never `_id`, never
+    /// under `keep`; `f` returns false to remove the value.
+    fn walk_unruled_document(&self, doc: &mut Document, f: &mut dyn FnMut(&mut Bson) -> bool) {
+        let mut states = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        for (key, value) in doc.iter_mut() {
+            if key == "_id" {
+                continue;
+            }
+            states.clear();
+            self.root_step(key, &mut states);
+            let keep = self.walk(value, &states, None, &mut |v, action| {
+                action.is_some() || f(v)
+            });
+            if !keep {
+                removed.push(key.clone());
+            }
+        }
+        for key in removed {
+            doc.remove(key);
+        }
+    }
+
+    /// [`Inner::walk_unruled_document`] for `updatedFields` (dotted keys).
+    fn walk_unruled_updated(&self, updated: &mut Document, f: &mut dyn FnMut(&mut Bson) -> bool) {
+        let mut removed: Vec<String> = Vec::new();
+        for (key, value) in updated.iter_mut() {
+            let PathStart::At(states, inherited) = self.path_start(key) else {
+                continue;
+            };
+            let keep = self.walk(value, &states, inherited, &mut |v, action| {
+                action.is_some() || f(v)
+            });
+            if !keep {
+                removed.push(key.clone());
+            }
+        }
+        for key in removed {
+            updated.remove(key);
+        }
+    }
+
+    /// Visits every scalar leaf of `value` (reached with `states`, `inherited`) with the action
+    /// of the rule that wins on it, as [`Inner::apply_node`] decides it: `null`/`remove` on a
+    /// container reach every leaf below. False when `value` itself must be removed.
+    fn walk(
+        &self,
+        value: &mut Bson,
+        states: &[State],
+        inherited: Option<u32>,
+        leaf: &mut LeafFn<'_>,
+    ) -> bool {
+        if matches!(value, Bson::Null | Bson::Undefined) {
+            return true;
+        }
+        let (winner, active) = self.fold(states, inherited);
+        let action = self.action(winner);
+        if !active || matches!(action, Some(MaskRule::Null | MaskRule::Remove)) {
+            return Self::walk_all(value, action, leaf);
+        }
+        let mut next = Vec::new();
+        match value {
+            Bson::Document(doc) => {
+                let mut removed: Vec<String> = Vec::new();
+                for (key, child) in doc.iter_mut() {
+                    next.clear();
+                    self.step_key(states, key, &mut next);
+                    if !self.walk(child, &next, winner, leaf) {
+                        removed.push(key.clone());
+                    }
+                }
+                for key in removed {
+                    doc.remove(key);
+                }
+            }
+            Bson::Array(items) => {
+                let mut keep = Vec::with_capacity(items.len());
+                for (index, child) in items.iter_mut().enumerate() {
+                    next.clear();
+                    self.step_index(states, index, &mut next);
+                    keep.push(self.walk(child, &next, winner, leaf));
+                }
+                let mut flags = keep.into_iter();
+                items.retain(|_| flags.next().unwrap_or(true));
+            }
+            scalar => return leaf(scalar, action),
+        }
+        true
+    }
+
+    /// Visits every scalar leaf of `value` with one `action`.
+    fn walk_all(value: &mut Bson, action: Option<MaskRule>, leaf: &mut LeafFn<'_>) -> bool {
+        match value {
+            Bson::Null | Bson::Undefined => true,
+            Bson::Document(doc) => {
+                let mut removed: Vec<String> = Vec::new();
+                for (key, child) in doc.iter_mut() {
+                    if !Self::walk_all(child, action, leaf) {
+                        removed.push(key.clone());
+                    }
+                }
+                for key in removed {
+                    doc.remove(key);
+                }
+                true
+            }
+            Bson::Array(items) => {
+                let keep: Vec<bool> = items
+                    .iter_mut()
+                    .map(|child| Self::walk_all(child, action, leaf))
+                    .collect();
+                let mut flags = keep.into_iter();
+                items.retain(|_| flags.next().unwrap_or(true));
+                true
+            }
+            scalar => leaf(scalar, action),
+        }
+    }
+
+    /// Applies `rule` to one scalar found by value; false when it must be removed.
+    fn apply_rule(&self, value: &mut Bson, rule: MaskRule) -> bool {
+        match rule {
+            MaskRule::Remove => false,
+            MaskRule::Null => {
+                *value = Bson::Null;
+                true
+            }
+            MaskRule::Keep => true,
+            per_leaf => {
+                *value = self.mask_scalar(per_leaf, value);
+                true
+            }
+        }
+    }
+
+    /// `HMAC-SHA256(key, "fingerprint" || 0x00 || canonical)`, first 128 bits: names a personal
+    /// value in `_sync.pii` without revealing it (keyed, like the `hash` rule, and
+    /// domain-separated from every rule's output).
+    fn fingerprint(&self, canonical: &[u8]) -> [u8; FINGERPRINT_BYTES] {
+        let mut mac = self.mac.clone();
+        mac.update(b"fingerprint");
+        mac.update(&[0]);
+        mac.update(canonical);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; FINGERPRINT_BYTES];
+        out.copy_from_slice(&full[..FINGERPRINT_BYTES]);
+        out
     }
 
     /// Applies the rules to `value`, reached with `states` and `inherited` (the winner among the
@@ -530,14 +991,31 @@ impl Inner {
     }
 }
 
+/// Where canonical bytes go: the MAC, or a buffer (to compare values without hashing them).
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for HmacSha256 {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
 /// Feeds the canonical, type-aware bytes of a scalar.
-fn feed_canonical(mac: &mut HmacSha256, value: &Bson) {
-    let int = |mac: &mut HmacSha256, i: i64| {
-        mac.update(&[0xFF, b'i']);
-        mac.update(&i.to_be_bytes());
-    };
+fn feed_canonical(mac: &mut impl Sink, value: &Bson) {
+    fn int(mac: &mut impl Sink, i: i64) {
+        mac.put(&[0xFF, b'i']);
+        mac.put(&i.to_be_bytes());
+    }
     match value {
-        Bson::String(s) => mac.update(s.as_bytes()),
+        Bson::String(s) => mac.put(s.as_bytes()),
         Bson::Int32(i) => int(mac, i64::from(*i)),
         Bson::Int64(i) => int(mac, *i),
         Bson::Double(f) => {
@@ -551,36 +1029,36 @@ fn feed_canonical(mac: &mut HmacSha256, value: &Bson) {
                 } else {
                     f.to_bits()
                 };
-                mac.update(&[0xFF, b'd']);
-                mac.update(&bits.to_be_bytes());
+                mac.put(&[0xFF, b'd']);
+                mac.put(&bits.to_be_bytes());
             }
         }
-        Bson::Boolean(b) => mac.update(&[0xFF, b'b', u8::from(*b)]),
+        Bson::Boolean(b) => mac.put(&[0xFF, b'b', u8::from(*b)]),
         Bson::DateTime(d) => {
-            mac.update(&[0xFF, b't']);
-            mac.update(&d.timestamp_millis().to_be_bytes());
+            mac.put(&[0xFF, b't']);
+            mac.put(&d.timestamp_millis().to_be_bytes());
         }
         Bson::ObjectId(o) => {
-            mac.update(&[0xFF, b'o']);
-            mac.update(&o.bytes());
+            mac.put(&[0xFF, b'o']);
+            mac.put(&o.bytes());
         }
         Bson::Timestamp(t) => {
-            mac.update(&[0xFF, b'T']);
-            mac.update(&t.time.to_be_bytes());
-            mac.update(&t.increment.to_be_bytes());
+            mac.put(&[0xFF, b'T']);
+            mac.put(&t.time.to_be_bytes());
+            mac.put(&t.increment.to_be_bytes());
         }
         Bson::Binary(b) => {
-            mac.update(&[0xFF, b'B', u8::from(b.subtype)]);
-            mac.update(&b.bytes);
+            mac.put(&[0xFF, b'B', u8::from(b.subtype)]);
+            mac.put(&b.bytes);
         }
         Bson::Decimal128(d) => {
-            mac.update(&[0xFF, b'D']);
-            mac.update(&d.bytes());
+            mac.put(&[0xFF, b'D']);
+            mac.put(&d.bytes());
         }
         other => {
             // Rare types (regex, code, symbol, min/max key, …): canonical extended JSON.
-            mac.update(&[0xFF, b'x']);
-            mac.update(
+            mac.put(&[0xFF, b'x']);
+            mac.put(
                 other
                     .clone()
                     .into_canonical_extjson()
@@ -735,7 +1213,10 @@ mod tests {
     #[test]
     fn hash_is_keyed_hmac_sha256_in_lowercase_hex() {
         let m = masker(&[("ssn", "hash")]);
-        let d = masked(&m, doc! { "ssn": "123-45-6789", "other": "123-45-6789" });
+        let d = masked(
+            &m,
+            doc! { "ssn": "123-45-6789", "other": "987-65-4321", "copy": "123-45-6789" },
+        );
         let got = string(d.get("ssn").unwrap());
         let mut mac = <HmacSha256 as KeyInit>::new_from_slice(KEY.as_bytes()).unwrap();
         mac.update(b"hash\x00123-45-6789");
@@ -743,9 +1224,11 @@ mod tests {
         assert!(is_hex64(got));
         assert_eq!(
             d.get_str("other").unwrap(),
-            "123-45-6789",
+            "987-65-4321",
             "unruled field kept"
         );
+        // ...unless it holds the masked field's value (see the personal-value tests).
+        assert_eq!(d.get_str("copy").unwrap(), got);
     }
 
     #[test]
@@ -1457,6 +1940,177 @@ mod tests {
         for (path, raw, expected) in cases {
             assert_eq!(m.mask_value(path, raw), Some(expected), "{path}");
         }
+    }
+
+    // ---- personal values: masking follows values ------------------------------------------
+
+    /// Every string of a BSON value, depth first.
+    fn strings(v: &Bson, out: &mut Vec<String>) {
+        match v {
+            Bson::String(s) => out.push(s.clone()),
+            Bson::Document(d) => d.values().for_each(|v| strings(v, out)),
+            Bson::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+
+    fn contains_raw(d: &Document, raw: &str) -> bool {
+        let mut all = Vec::new();
+        strings(&Bson::Document(d.clone()), &mut all);
+        all.iter().any(|s| s == raw)
+    }
+
+    #[test]
+    fn a_copy_of_a_masked_value_is_masked_with_its_rule() {
+        let m = masker(&[("ssn", "hash"), ("email", "email"), ("notes", "remove")]);
+        let mut d = doc! {
+            "ssn": "123-45-6789",
+            "copy": "123-45-6789",
+            "nested": { "list": ["x", "123-45-6789"], "contact": "Ann@X.com" },
+            "email": "Ann@X.com",
+            "notes": "secret",
+            "quote": "secret",
+            "other": "123-45-67890",
+        };
+        let pii = m.mask_event(Some(&mut d), None);
+        let hashed = d.get_str("ssn").unwrap().to_owned();
+        assert!(is_hex64(&hashed));
+        assert_eq!(d.get_str("copy").unwrap(), hashed, "same value, same mask");
+        let nested = d.get_document("nested").unwrap();
+        assert_eq!(
+            nested.get_array("list").unwrap()[1],
+            Bson::String(hashed.clone())
+        );
+        assert_eq!(nested.get_array("list").unwrap()[0], Bson::from("x"));
+        assert_eq!(nested.get("contact"), d.get("email"));
+        assert!(
+            !d.contains_key("quote"),
+            "a copy of a removed value is removed"
+        );
+        assert_eq!(
+            d.get_str("other").unwrap(),
+            "123-45-67890",
+            "other values stay"
+        );
+        assert_eq!(pii.len(), 3, "{pii:?}");
+        assert!(pii.iter().any(|f| f.starts_with("hash:")));
+        assert!(pii.iter().any(|f| f.starts_with("remove:")));
+        // `mask_document` applies the same rule.
+        let mut again = doc! { "ssn": "123-45-6789", "copy": "123-45-6789" };
+        m.mask_document(&mut again);
+        assert_eq!(again.get_str("copy").unwrap(), hashed);
+    }
+
+    #[test]
+    fn a_rename_in_the_update_description_is_masked_by_its_new_path_or_its_value() {
+        let m = masker(&[("ssn", "hash"), ("legacy", "redact")]);
+        // `$rename: {ssn: legacy}` → removedFields [ssn], updatedFields {legacy: raw}.
+        let mut full = doc! { "_id": 1, "legacy": "123", "copy": "123" };
+        let mut upd = doc! { "legacy": "123", "copy": "123" };
+        m.mask_event(Some(&mut full), Some(&mut upd));
+        assert_eq!(
+            full,
+            doc! { "_id": 1, "legacy": "[redacted]", "copy": "[redacted]" }
+        );
+        assert_eq!(upd, doc! { "legacy": "[redacted]", "copy": "[redacted]" });
+        // A value set in the same event as the masked path it came from: `$set: {p: "$ssn"}`
+        // with the masked path only in the document, or only in the update description.
+        let mut full = doc! { "_id": 1, "ssn": "9", "p": { "q": "9" } };
+        let mut upd = doc! { "p.q": "9" };
+        m.mask_event(Some(&mut full), Some(&mut upd));
+        let hashed = full.get_str("ssn").unwrap().to_owned();
+        assert_eq!(upd.get_str("p.q").unwrap(), hashed);
+        assert_eq!(
+            full.get_document("p").unwrap().get_str("q").unwrap(),
+            hashed
+        );
+        let mut upd = doc! { "ssn": 9, "tag": 9.0 };
+        m.mask_event(None, Some(&mut upd));
+        assert_eq!(upd.get("tag"), upd.get("ssn"), "9 and 9.0 are one value");
+        assert!(is_hex64(upd.get_str("tag").unwrap()));
+    }
+
+    #[test]
+    fn keep_booleans_nulls_and_id_are_never_masked_by_value() {
+        let m = masker(&[("ssn", "hash"), ("flag", "redact"), ("country", "keep")]);
+        let mut d = doc! {
+            "_id": "123", "ssn": "123", "country": "123",
+            "flag": true, "other": true, "empty": "", "n": Bson::Null,
+        };
+        m.mask_event(Some(&mut d), None);
+        assert_eq!(d.get_str("_id").unwrap(), "123", "no rule names _id");
+        assert_eq!(d.get_str("country").unwrap(), "123", "keep exempts a path");
+        assert_eq!(d.get_str("flag").unwrap(), "[redacted]");
+        assert!(d.get_bool("other").unwrap());
+        assert_eq!(d.get_str("empty").unwrap(), "");
+    }
+
+    #[test]
+    fn known_fingerprints_mask_values_whose_masked_path_is_gone() {
+        let m = masker(&[("ssn", "hash"), ("card", "null")]);
+        let mut first = doc! { "ssn": "123", "card": { "n": "4111" } };
+        let pii = m.mask_event(Some(&mut first), None);
+        assert_eq!(pii.len(), 2);
+        assert!(pii
+            .iter()
+            .all(|f| !f.contains("123") && !f.contains("4111")));
+        // Later: the values live under new names; the event alone knows nothing.
+        let mut full = doc! { "_id": 1, "old": "123", "cards": ["4111", "5500"], "x": "1234" };
+        let mut upd = doc! { "old": "123" };
+        assert!(m.mask_event(Some(&mut full), Some(&mut upd)).is_empty());
+        let found = m.mask_known_values(Some(&mut full), Some(&mut upd), &pii);
+        assert_eq!(found, pii);
+        assert_eq!(full.get("old"), first.get("ssn"));
+        assert_eq!(
+            full.get_array("cards").unwrap(),
+            &vec![Bson::Null, Bson::from("5500")]
+        );
+        assert_eq!(full.get_str("x").unwrap(), "1234");
+        assert_eq!(upd.get("old"), first.get("ssn"));
+        // Idempotent: masked values have no raw fingerprint.
+        let before = full.clone();
+        assert!(m.mask_known_values(Some(&mut full), None, &pii).is_empty());
+        assert_eq!(full, before);
+        // Other keys, other fingerprints.
+        let other = masker_keyed("another-key-0123456789", &[("ssn", "hash")]);
+        assert_ne!(
+            other.mask_event(Some(&mut doc! { "ssn": "123" }), None)[0],
+            pii[1]
+        );
+    }
+
+    #[test]
+    fn id_masking_is_deterministic_and_never_removes_the_id() {
+        let m = masker(&[("_id", "hash"), ("email", "email")]);
+        assert!(m.masks_id());
+        assert!(!masker(&[("email", "email")]).masks_id());
+        assert!(!masker(&[("_id", "keep"), ("email", "email")]).masks_id());
+        let id = m.mask_id(Bson::from("ann@x.com"));
+        assert!(is_hex64(string(&id)));
+        assert_eq!(id, m.mask_id(Bson::from("ann@x.com")));
+        assert_ne!(id, m.mask_id(Bson::from("bob@x.com")));
+        let mut d = doc! { "_id": "ann@x.com", "contact": "ann@x.com", "email": "ann@x.com" };
+        m.mask_event(Some(&mut d), None);
+        assert_eq!(d.get("_id"), Some(&id));
+        assert!(!contains_raw(&d, "ann@x.com"), "{d:?}");
+        // `remove` / `null` on `_id` act as `hash`.
+        for rule in ["remove", "null"] {
+            let m = masker(&[("_id", rule)]);
+            assert_eq!(m.mask_id(Bson::from("ann@x.com")), id, "{rule}");
+            let mut d = doc! { "_id": "ann@x.com" };
+            m.mask_document(&mut d);
+            assert_eq!(d.get("_id"), Some(&id), "{rule}");
+        }
+        // Compound ids: every leaf.
+        let compound = m.mask_id(Bson::Document(doc! { "e": "ann@x.com", "n": 1 }));
+        let compound = compound.as_document().unwrap();
+        assert_eq!(compound.get("e"), Some(&id));
+        assert!(is_hex64(compound.get_str("n").unwrap()));
+        // No rule: as it is.
+        assert_eq!(
+            masker(&[("e", "hash")]).mask_id(Bson::from("x")),
+            Bson::from("x")
+        );
     }
 
     // ---- determinism and keys -----------------------------------------------------------

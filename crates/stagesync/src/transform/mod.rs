@@ -1,8 +1,13 @@
 //! Transform stage: deterministic masking of personal data, applied to every production document
 //! and update description before anything else sees it (matching, merging, logs, dead letters).
 //!
-//! INTERFACE STUB — being implemented in `mask.rs`.
+//! `mask.rs` holds the rules: by path, then by value (a value that left a masked path through
+//! `$rename` or a copy is still masked), and the production `_id` when a rule names it. Its
+//! module documentation states the value rule exactly. [`ids`] maps masked `_id`s back to
+//! production for the few readers that must query production by `_id` (snapshot resume, prune,
+//! verify, `dlq replay`).
 
+pub mod ids;
 mod mask;
 
 /// The rule names belong to the configuration's vocabulary; re-exported here for the masker's users.
