@@ -11,7 +11,7 @@
 //! - **Collections that cannot be synced** ([`collections_are_syncable`]): a view or a
 //!   time-series collection in production. Refused naming the entry (exit 2).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document};
@@ -189,15 +189,25 @@ async fn look_for_marker(
         Duration::from_secs(1)
     };
     let coll = ctx.prod.database(db).collection::<Document>(collection);
-    let started = Instant::now();
-    loop {
-        if coll.find_one(doc! { "_id": id }).await?.is_some() {
-            return Ok(true);
+    // Polled with the one retry policy: every 100 ms until found or `patience` has passed.
+    let policy = crate::retry::RetryPolicy {
+        initial: Duration::from_millis(100),
+        max_delay: Duration::from_millis(100),
+        jitter: false,
+        give_up_after: Some(patience),
+    };
+    let look = || async {
+        match coll.find_one(doc! { "_id": id }).await {
+            Ok(Some(_)) => Ok(true),
+            Ok(None) => Err(None),
+            Err(e) => Err(Some(e)),
         }
-        if started.elapsed() >= patience {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let never = tokio_util::sync::CancellationToken::new();
+    match crate::retry::retry(&policy, &never, look, |e| e.is_none(), |_, _| {}).await {
+        Ok((found, _)) => Ok(found),
+        Err(crate::retry::Gave::Up(Some(e))) => Err(e),
+        Err(_) => Ok(false),
     }
 }
 
