@@ -26,7 +26,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::CollectionConfig;
 use crate::context::Context;
 use crate::error::{MongoContext, Result, SyncError};
-use crate::plan::{mask_moved_values, plan_batch, Failed, Outcome, Rules, Skip};
+use crate::plan::{mask_moved_values, plan_batch, Failed, Outcome, Rules, Skip, WriteOp};
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
 use crate::source::stream::{self, Batch, ReaderMessage, ReaderSettings, StartAt};
@@ -214,6 +214,18 @@ impl Pipeline {
         let existing = self.fetch_existing(changes).await?;
         let changes = mask_moved_values(&self.rules, &self.masker, changes, &existing);
         let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
+        // Key swaps and rotations: placeholder keys first, acknowledged, then the final writes.
+        if !plan.vacate.is_empty() {
+            let moved = self.applier.apply(&plan.vacate).await?;
+            for (write, result) in plan.vacate.iter().zip(&moved) {
+                if let (WriteResult::Refused { code, .. }, WriteOp::Update { id, .. }) =
+                    (result, &write.op)
+                {
+                    // The writes that needed its key will fail and be dead-lettered.
+                    tracing::warn!(collection = %self.name, staging_id = %id, code, "staging refused a temporary key move");
+                }
+            }
+        }
         let results = self.applier.apply(&plan.writes).await?;
         let mut outcomes = plan.outcomes;
         let mut duplicate_key = Vec::new();
