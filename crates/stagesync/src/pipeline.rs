@@ -29,7 +29,9 @@ use crate::context::Context;
 use crate::error::{ErrorKind, MongoContext, Result, SyncError};
 use crate::lease::Fence;
 use crate::metrics::Side;
-use crate::plan::{mask_moved_values, plan_batch, Failed, Outcome, Rules, Skip};
+use crate::plan::{
+    mask_moved_values, plan_batch, Failed, Outcome, PlannedWrite, Rules, Skip, WriteOp,
+};
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
 use crate::source::stream::{self, Batch, ReaderMessage, ReaderSettings, StartAt};
@@ -234,14 +236,30 @@ impl Pipeline {
         let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
-        let guards: Vec<Option<mongodb::bson::Timestamp>> = plan
-            .writes
-            .iter()
-            .map(|w| w.changes.last().map(|&i| changes[i].cluster_time))
-            .collect();
+        let guards = |writes: &[PlannedWrite]| -> Vec<Option<mongodb::bson::Timestamp>> {
+            writes
+                .iter()
+                .map(|w| w.changes.last().map(|&i| changes[i].cluster_time))
+                .collect()
+        };
+        // Key swaps and rotations: placeholder keys first, acknowledged, then the final writes.
+        if !plan.vacate.is_empty() {
+            let moved = self
+                .applier
+                .apply_with_names(&plan.vacate, &guards(&plan.vacate), &names)
+                .await?;
+            for (write, result) in plan.vacate.iter().zip(&moved) {
+                if let (WriteResult::Refused { code, .. }, WriteOp::Update { id, .. }) =
+                    (result, &write.op)
+                {
+                    // The writes that needed its key will fail and be dead-lettered.
+                    tracing::warn!(collection = %self.name, staging_id = %id, code, "staging refused a temporary key move");
+                }
+            }
+        }
         let results = self
             .applier
-            .apply_with_names(&plan.writes, &guards, &names)
+            .apply_with_names(&plan.writes, &guards(&plan.writes), &names)
             .await?;
         let mut outcomes = plan.outcomes;
         let mut duplicate_key = Vec::new();

@@ -17,6 +17,12 @@
 //! documents; the batch then becomes one write per staging document (its final state), which is
 //! how coalescing falls out: insert + updates → one insert, insert + delete → one soft-deleted
 //! insert, and so on.
+//!
+//! Business keys move within a batch too (swaps, rotations, a key handed on). Rule 6 is judged
+//! as production's order and the batch's end state allow, not at a moment update events read
+//! late make up (see [`plan_batch`]); and since the final writes of a swap cannot all pass the
+//! unique index in any order, documents giving their key to another first take a placeholder
+//! key ([`Plan::vacate`], written before [`Plan::writes`]).
 
 mod merge;
 pub mod paths;
@@ -279,6 +285,14 @@ pub struct PlannedWrite {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// Temporary moves, written — and acknowledged — before `writes`: each staging document
+    /// that gives its business key to another document of the batch (a key swap or rotation, a
+    /// key handed on) first takes a placeholder key of its own, so that no order of `writes`
+    /// can trip the unique business-key index. They carry no change (`changes` is empty); the
+    /// document's final write sets its real key. See [`placeholder_key`].
+    pub vacate: Vec<PlannedWrite>,
+    /// The final state of each staging document the batch changes; no two of them depend on
+    /// each other once `vacate` is written, so they can be applied in any order.
     pub writes: Vec<PlannedWrite>,
     /// One outcome per change of the batch, in order. `Applied` means "applied once the write
     /// that carries it succeeds".
@@ -292,6 +306,68 @@ struct Slot {
     changes: Vec<usize>,
 }
 
+/// What a whole batch does to each production document, computed once per batch.
+struct BatchIndex {
+    /// Production `_id` → its updates, replaces and hard deletes.
+    moves: HashMap<Vec<u8>, Vec<Move>>,
+    /// Production `_id` → the index of its last change.
+    last_change: HashMap<Vec<u8>, usize>,
+    /// Business key → the inserts carrying it: (index, production `_id`).
+    inserts: HashMap<Vec<u8>, Vec<(usize, Vec<u8>)>>,
+    /// Production `_id`s with an update: update events carry the document as it is when read,
+    /// so where such a document stands at a given point of the batch is not known.
+    read_late: std::collections::HashSet<Vec<u8>>,
+}
+
+impl BatchIndex {
+    fn new(rules: &Rules, changes: &[Change]) -> BatchIndex {
+        let mut index = BatchIndex {
+            moves: HashMap::new(),
+            last_change: HashMap::new(),
+            inserts: HashMap::new(),
+            read_late: std::collections::HashSet::new(),
+        };
+        for (at, c) in changes.iter().enumerate() {
+            let id = canonical(&c.prod_id);
+            index.last_change.insert(id.clone(), at);
+            let key = |d: &Document| rules.key_of(d).ok().map(|k| k.canonical());
+            match (c.op, &c.doc) {
+                (Op::Insert, Some(d)) => {
+                    if let Some(k) = key(d) {
+                        index.inserts.entry(k).or_default().push((at, id));
+                    }
+                }
+                (Op::Update | Op::Replace, Some(d)) => {
+                    if c.op == Op::Update {
+                        index.read_late.insert(id.clone());
+                    }
+                    let m = Move { at, leaves: key(d) };
+                    index.moves.entry(id).or_default().push(m);
+                }
+                (Op::Update, None) => {
+                    index.read_late.insert(id);
+                }
+                (Op::Delete, _) if rules.deletes == DeleteMode::Hard => {
+                    let m = Move { at, leaves: None };
+                    index.moves.entry(id).or_default().push(m);
+                }
+                _ => {}
+            }
+        }
+        index
+    }
+}
+
+/// An update, replace or hard delete of the batch: it moves (or removes) the staging document
+/// of its production `_id`.
+#[derive(Debug, Clone)]
+struct Move {
+    /// Index of the change in the batch.
+    at: usize,
+    /// The business key the change leaves the document at (`None`: none, or hard-deleted).
+    leaves: Option<Vec<u8>>,
+}
+
 /// In-memory staging state of one batch, indexed three ways.
 struct Working<'r> {
     rules: &'r Rules,
@@ -300,16 +376,33 @@ struct Working<'r> {
     by_key: HashMap<Vec<u8>, usize>,
     /// Production `_id` → the newest change of it known applied to a document it no longer owns.
     prior: HashMap<Vec<u8>, (u32, u32)>,
+    /// What the whole batch does, for judging double holds of a key (see [`plan_batch`]).
+    batch: &'r BatchIndex,
+    /// The index of the change being planned.
+    at: usize,
+    /// Changes refused on a key collision without exception: their tentative move did not
+    /// stand in an earlier pass (see [`plan_batch`]).
+    strict: std::collections::HashSet<usize>,
+    /// Moves accepted for now onto a key another document held at that moment, because the
+    /// double hold may still end within the batch (see [`plan_batch`]): (change, slot, key).
+    tentative: Vec<(usize, usize, Vec<u8>)>,
+    /// Tentative moves that made another change fail (see [`Working::blame`]).
+    blamed: Vec<usize>,
 }
 
 impl<'r> Working<'r> {
-    fn new(rules: &'r Rules, existing: Vec<Document>) -> Working<'r> {
+    fn new(rules: &'r Rules, batch: &'r BatchIndex, existing: Vec<Document>) -> Working<'r> {
         let mut w = Working {
             rules,
+            batch,
             slots: Vec::new(),
             by_prod_id: HashMap::new(),
             by_key: HashMap::new(),
             prior: HashMap::new(),
+            at: 0,
+            strict: std::collections::HashSet::new(),
+            tentative: Vec::new(),
+            blamed: Vec::new(),
         };
         let mut seen = std::collections::HashSet::new();
         for d in existing {
@@ -500,6 +593,79 @@ impl<'r> Working<'r> {
         true
     }
 
+    /// True when the batch may still move slot `i` off `key`: its production owner has a later
+    /// change, or — staging-only or soft-deleted, so adopted by business key — a later insert
+    /// carries `key`. Whether it does is checked at the end of the batch.
+    fn involved_later(&self, i: usize, key: &[u8]) -> bool {
+        let owner_changes_later = self
+            .owner(i)
+            .and_then(|id| self.batch.last_change.get(&canonical(id)))
+            .is_some_and(|&last| last > self.at);
+        let adopted_later = (self.owner(i).is_none() || self.is_soft_deleted(i))
+            && self
+                .batch
+                .inserts
+                .get(key)
+                .is_some_and(|v| v.iter().any(|(at, _)| *at > self.at));
+        owner_changes_later || adopted_later
+    }
+
+    /// True when slot `i`'s production owner has an update in this batch (see `read_late`).
+    fn is_read_late(&self, i: usize) -> bool {
+        self.owner(i)
+            .is_some_and(|id| self.batch.read_late.contains(&canonical(id)))
+    }
+
+    /// True when the last update or replace of production `_id` `id` after the change being
+    /// planned leaves its document at a key other than `key` (or is a hard delete).
+    fn owner_moves_off_later(&self, id: &Bson, key: &[u8]) -> bool {
+        self.last_move_leaves(&canonical(id), self.at, key)
+    }
+
+    /// True when the last update, replace or hard delete of production `_id` `id` (canonical)
+    /// comes after change `after` and leaves its document at a key other than `key`.
+    fn last_move_leaves(&self, id: &[u8], after: usize, key: &[u8]) -> bool {
+        self.batch
+            .moves
+            .get(id)
+            .and_then(|moves| moves.last())
+            .is_some_and(|m| m.at > after && m.leaves.as_deref() != Some(key))
+    }
+
+    /// A change is refused because slot `holder` holds `key`: if a tentative move put it there,
+    /// that move must not stand (it would make the batch refuse what one change at a time
+    /// applies).
+    fn blame(&mut self, holder: usize, key: &[u8]) {
+        let culprits: Vec<usize> = self
+            .tentative
+            .iter()
+            .filter(|(_, t, k)| *t == holder && k.as_slice() == key)
+            .map(|(c, _, _)| *c)
+            .collect();
+        self.blamed.extend(culprits);
+    }
+
+    /// The tentative moves that must not stand: those whose key is still held by another
+    /// document at the end of the batch, and those that made another change fail.
+    fn unresolved_moves(&self) -> Vec<usize> {
+        let key_of = |j: usize| {
+            self.slots[j]
+                .current
+                .as_ref()
+                .and_then(|d| self.rules.key_of(d).ok())
+                .map(|k| k.canonical())
+        };
+        self.tentative
+            .iter()
+            .filter(|(_, t, key)| {
+                key_of(*t).as_ref() == Some(key)
+                    && (0..self.slots.len()).any(|j| j != *t && key_of(j).as_ref() == Some(key))
+            })
+            .map(|(c, _, _)| *c)
+            .chain(self.blamed.iter().copied())
+            .collect()
+    }
+
     fn owner(&self, i: usize) -> Option<&Bson> {
         meta_of(self.doc(i), &self.rules.meta_field).and_then(|m| m.get("id"))
     }
@@ -519,17 +685,58 @@ fn ts_key(t: Timestamp) -> (u32, u32) {
 /// `existing` holds the staging documents found by [`Rules::id_filter`] and
 /// [`Rules::key_filter`] (duplicates are fine); `now` stands in for
 /// a delete's wall time when production did not send one.
+///
+/// Business keys read late: update events carry production's document as it is when the
+/// stream is read (`updateLookup`), not as the update left it. Within a batch, a document can
+/// therefore show up at its final key before the change of the document that gives that key
+/// away (a swap, a rotation) has been planned — or sit at a key it only holds before and after
+/// the batch while another document passes through it. So when update events are involved (the
+/// change is an update, or the holder's production owner has updates in this batch), a move
+/// onto a key held by another document is accepted for now if the double hold may still end
+/// within the batch: the holder changes later in it (its owner has a later change; a
+/// staging-only or soft-deleted holder is adopted by a later insert of that key), or the moving
+/// document leaves the key again.
+///
+/// Should the key still be held twice at the end, or the move make another change fail, the
+/// batch is planned again with that change refused as a key collision — as it would have been
+/// without the exception. Batches without updates are planned exactly one change at a time.
 pub fn plan_batch(
     rules: &Rules,
     changes: &[Change],
     existing: Vec<Document>,
     now: DateTime,
 ) -> Plan {
-    let mut w = Working::new(rules, existing);
+    let batch = BatchIndex::new(rules, changes);
+    let mut strict = std::collections::HashSet::new();
+    let mut existing = existing;
+    loop {
+        let (w, outcomes) = plan_pass(rules, &batch, changes, existing, now, &strict);
+        let unresolved = w.unresolved_moves();
+        if unresolved.is_empty() {
+            return finish_plan(rules, w, outcomes);
+        }
+        strict.extend(unresolved);
+        // Start again from the staging documents as fetched.
+        existing = w.slots.into_iter().filter_map(|s| s.original).collect();
+    }
+}
+
+/// One pass of [`plan_batch`] over the whole batch.
+fn plan_pass<'r>(
+    rules: &'r Rules,
+    batch: &'r BatchIndex,
+    changes: &[Change],
+    existing: Vec<Document>,
+    now: DateTime,
+    strict: &std::collections::HashSet<usize>,
+) -> (Working<'r>, Vec<Outcome>) {
+    let mut w = Working::new(rules, batch, existing);
+    w.strict = strict.clone();
     let outcomes = changes
         .iter()
         .enumerate()
         .map(|(i, c)| {
+            w.at = i;
             let (outcome, slot) = plan_change(&mut w, c, now);
             match (&outcome, slot) {
                 (Outcome::Applied, Some(s)) => w.slots[s].changes.push(i),
@@ -548,36 +755,132 @@ pub fn plan_batch(
             outcome
         })
         .collect();
-    let writes = w
+    (w, outcomes)
+}
+
+/// Turns the planned working state into writes (see [`Plan`]).
+fn finish_plan(rules: &Rules, w: Working, outcomes: Vec<Outcome>) -> Plan {
+    let slots: Vec<Slot> = w
         .slots
         .into_iter()
         .filter(|s| !s.changes.is_empty())
+        .collect();
+    // Business keys at the start and at the end of the batch. A document that ends on a key
+    // another written document holds at the start depends on that one moving first; a swap or
+    // rotation makes those dependencies a cycle no order of final writes can satisfy. So every
+    // document whose starting key is taken by another first moves to a placeholder key.
+    let key_at = |d: Option<&Document>| d.and_then(|d| rules.key_of(d).ok()).map(|k| k.canonical());
+    let taken: std::collections::HashSet<Vec<u8>> = slots
+        .iter()
         .filter_map(|s| {
-            let op = match (s.original, s.current) {
-                (None, Some(doc)) => WriteOp::Insert(doc),
-                (Some(before), Some(after)) => {
-                    let (set, unset) = diff(&before, &after);
-                    if set.is_empty() && unset.is_empty() {
-                        return None;
-                    }
-                    WriteOp::Update {
-                        id: before.get("_id").cloned().unwrap_or(Bson::Null),
-                        set,
-                        unset,
-                    }
-                }
-                (Some(before), None) => WriteOp::Delete {
-                    id: before.get("_id").cloned().unwrap_or(Bson::Null),
-                },
-                (None, None) => return None,
-            };
-            Some(PlannedWrite {
-                op,
-                changes: s.changes,
-            })
+            let end = key_at(s.current.as_ref())?;
+            (Some(&end) != key_at(s.original.as_ref()).as_ref()).then_some(end)
         })
         .collect();
-    Plan { writes, outcomes }
+    let mut vacate = Vec::new();
+    let mut writes = Vec::new();
+    for s in slots {
+        let start = key_at(s.original.as_ref());
+        let gives_key_away = start
+            .as_ref()
+            .is_some_and(|k| taken.contains(k) && start != key_at(s.current.as_ref()));
+        let op = match (s.original, s.current) {
+            (None, Some(doc)) => WriteOp::Insert(doc),
+            (Some(before), Some(after)) => {
+                let (mut set, mut unset) = diff(&before, &after);
+                if set.is_empty() && unset.is_empty() {
+                    continue;
+                }
+                let id = before.get("_id").cloned().unwrap_or(Bson::Null);
+                if gives_key_away {
+                    vacate.push(placeholder_write(rules, &id));
+                    // The placeholder replaced the first key field: the final write sets it
+                    // (or removes it) even where the diff from the start does not.
+                    let field = &rules.business_key[0];
+                    force_path(
+                        &mut set,
+                        &mut unset,
+                        field,
+                        get_path(&after, field).cloned(),
+                    );
+                }
+                WriteOp::Update { id, set, unset }
+            }
+            (Some(before), None) => {
+                let id = before.get("_id").cloned().unwrap_or(Bson::Null);
+                if gives_key_away {
+                    vacate.push(placeholder_write(rules, &id));
+                }
+                WriteOp::Delete { id }
+            }
+            (None, None) => continue,
+        };
+        writes.push(PlannedWrite {
+            op,
+            changes: s.changes,
+        });
+    }
+    Plan {
+        vacate,
+        writes,
+        outcomes,
+    }
+}
+
+/// The placeholder a staging document holds between the two steps of a batch that moves its
+/// business key to another document: its first key field becomes a string derived from its own
+/// staging `_id`, so it is unique (also under a non-partial unique index) and cannot be a
+/// production value by accident. Should stagesync stop between the steps, the next run replays
+/// the batch (the placeholder write leaves `_sync.ts` alone) and writes the real key.
+pub fn placeholder_key(staging_id: &Bson) -> Bson {
+    Bson::String(format!(
+        "stagesync:moving:{}",
+        hex::encode(canonical(staging_id))
+    ))
+}
+
+fn placeholder_write(rules: &Rules, staging_id: &Bson) -> PlannedWrite {
+    let mut set = Document::new();
+    set.insert(rules.business_key[0].clone(), placeholder_key(staging_id));
+    PlannedWrite {
+        op: WriteOp::Update {
+            id: staging_id.clone(),
+            set,
+            unset: Document::new(),
+        },
+        changes: vec![],
+    }
+}
+
+/// Makes an update set `path` to `value` (or unset it when `None`), unless an ancestor of
+/// `path` is already set or unset whole; entries below `path` give way.
+fn force_path(set: &mut Document, unset: &mut Document, path: &str, value: Option<Bson>) {
+    let below = format!("{path}.");
+    let covered = set
+        .keys()
+        .chain(unset.keys())
+        .any(|k| path.starts_with(&format!("{k}.")));
+    if covered {
+        return;
+    }
+    for d in [&mut *set, &mut *unset] {
+        let under: Vec<String> = d
+            .keys()
+            .filter(|k| *k == path || k.starts_with(&below))
+            .cloned()
+            .collect();
+        for k in under {
+            d.remove(&k);
+        }
+    }
+    match value {
+        Some(v) => {
+            set.insert(path, v);
+        }
+        None => {
+            unset.insert(path, "");
+        }
+    }
 }
 
 /// Applies one change to the working state; returns its outcome and the slot it changed.
@@ -640,14 +943,27 @@ fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
         if Some(t) == by_key && Some(t) != by_id && !w.is_soft_deleted(t) {
             if let Some(owner) = w.owner(t) {
                 if *owner != c.prod_id {
-                    return (collision(rules, &key, w.doc(t), false), None);
+                    let outcome = collision(rules, &key, w.doc(t), false);
+                    w.blame(t, &key.canonical());
+                    return (outcome, None);
                 }
             }
         }
-        // Moving to a business key held by another staging document.
+        // Moving to a business key held by another staging document: refused, unless the
+        // double hold is an artifact of update events read late and ends within this batch
+        // (see `plan_batch`).
         if let Some(other) = by_key.filter(|&o| o != t) {
-            let soft = w.is_soft_deleted(other);
-            return (collision(rules, &key, w.doc(other), soft), None);
+            let k = key.canonical();
+            let passing = (c.op == Op::Update || w.is_read_late(other))
+                && (w.involved_later(other, &k) || w.owner_moves_off_later(&c.prod_id, &k));
+            if passing && !w.strict.contains(&w.at) {
+                w.tentative.push((w.at, t, key.canonical()));
+            } else {
+                let soft = w.is_soft_deleted(other);
+                let outcome = collision(rules, &key, w.doc(other), soft);
+                w.blame(other, &key.canonical());
+                return (outcome, None);
+            }
         }
         if let Some(field) = &rules.staging_updated_field {
             if let (Ok(edited), Some(change_time)) = (w.doc(t).get_datetime(field), c.wall_time) {
