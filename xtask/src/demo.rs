@@ -41,14 +41,11 @@ pub async fn command(exe: std::path::PathBuf) -> anyhow::Result<()> {
     );
     let prod_server = LocalServer::start(&binary, &[])?;
     let staging_server = LocalServer::start(&binary, &[])?;
-    let prod: Collection<Document> = Client::with_uri_str(prod_server.uri())
-        .await?
-        .database("shop")
-        .collection("orders");
-    let staging: Collection<Document> = Client::with_uri_str(staging_server.uri())
-        .await?
-        .database("shop_staging")
-        .collection("orders");
+    let prod_client = Client::with_uri_str(prod_server.uri()).await?;
+    let staging_client = Client::with_uri_str(staging_server.uri()).await?;
+    let prod: Collection<Document> = prod_client.database("shop").collection("orders");
+    let staging: Collection<Document> =
+        staging_client.database("shop_staging").collection("orders");
 
     prod.insert_many(vec![
         doc! { "userEmail": "ada@example.org", "accountId": 1, "total": 120, "status": "paid" },
@@ -136,6 +133,9 @@ pub async fn command(exe: std::path::PathBuf) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // Close the clients before the runtime ends (a driver left to its teardown can panic).
+    prod_client.shutdown().immediate(true).await;
+    staging_client.shutdown().immediate(true).await;
     if let Err(e) = result {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         bail!("demo failed: {e:#}\n--- stagesync log ---\n{log}");
