@@ -161,8 +161,18 @@ impl Pipeline {
                     report.applied += 1;
                     metrics.applied(&self.name, c.op.as_str());
                     if origin == Origin::Stream {
-                        // Production's cluster time of the change → staging acknowledged it.
-                        metrics.lag_since_cluster_time(&self.name, c.cluster_time);
+                        // The change's production time → staging acknowledged it. Its wall time
+                        // has milliseconds (servers 6.0+ send it); a cluster time only seconds.
+                        match c.wall_time {
+                            Some(w) => metrics.lag(
+                                &self.name,
+                                (DateTime::now().timestamp_millis() - w.timestamp_millis()) as f64
+                                    / 1000.0,
+                            ),
+                            None => {
+                                metrics.lag_since_cluster_time(&self.name, c.cluster_time);
+                            }
+                        }
                     }
                 }
                 Outcome::Skipped(s) => {
