@@ -574,6 +574,24 @@ async fn kill_9_part_way_through_50000_changes_loses_and_duplicates_nothing() {
     // Staging must be exactly what the rules say.
     let prod_docs = all_docs(&prod).await;
     let staging_docs = all_docs(&staging).await;
+    // Nothing may have been dead-lettered: every change of the burst can be applied.
+    let dead: Vec<String> = all_docs(&pair.meta().await.collection::<Document>("dead_letters"))
+        .await
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}: {}",
+                d.get("productionId")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                d.get_str("operation").unwrap_or(""),
+                d.get_document("error")
+                    .map(|e| e.to_string())
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    assert!(dead.is_empty(), "dead letters after the burst: {dead:?}");
     let mut by_key: HashMap<(String, i32), Vec<&Document>> = HashMap::new();
     for d in &staging_docs {
         let k = (
