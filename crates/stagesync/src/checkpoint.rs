@@ -185,6 +185,15 @@ impl CheckpointStore {
         Ok(CheckpointStore { sync, backend })
     }
 
+    /// Where the checkpoints live, for log lines: "staging" or "Redis".
+    pub fn location(&self) -> &'static str {
+        match &self.backend {
+            Backend::Mongo(_) => "staging",
+            #[cfg(feature = "redis")]
+            Backend::Redis(_) => "Redis",
+        }
+    }
+
     /// Answers when the store can be reached.
     pub async fn ping(&self) -> Result<()> {
         match &self.backend {

@@ -451,7 +451,7 @@ impl Pipeline {
                         .health()
                         .checkpoint_save_failed(&self.name, &e.to_string());
                     if backoff.attempts() == 0 {
-                        tracing::warn!(collection = %self.name, error = %e, "cannot save the checkpoint; retrying");
+                        tracing::warn!(collection = %self.name, store = self.ctx.checkpoints.location(), error = %e, "checkpoint store unavailable: cannot save the checkpoint; retrying with backoff");
                     }
                     if shutdown.is_cancelled() {
                         let since = *stopping_since.get_or_insert_with(Instant::now);
