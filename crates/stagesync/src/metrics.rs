@@ -72,6 +72,8 @@ pub struct Metrics {
     pub conflicts: IntCounterVec,
     /// `stagesync_retries_total{side}`
     pub retries: IntCounterVec,
+    /// `stagesync_insert_fallbacks_total{collection}`
+    pub insert_fallbacks: IntCounterVec,
     /// `stagesync_lease_held{collection,owner}`: 1 while this process (`owner`, its
     /// `--instance-id`) holds the collection's lease. (Not `instance`: Prometheus sets that
     /// label itself on every scraped series.)
@@ -134,6 +136,13 @@ impl Metrics {
             &["collection"],
         );
         let retries = counter("retries_total", "Transient failures retried", &["side"]);
+        let insert_fallbacks = counter(
+            "insert_fallbacks_total",
+            "New production documents written without a staging look-up that staging refused \
+             with a duplicate key (a document to adopt or revive, or a collision), then planned \
+             again with look-ups",
+            &["collection"],
+        );
         let lease_held = prometheus::IntGaugeVec::new(
             prometheus::Opts::new(
                 "lease_held",
@@ -152,6 +161,7 @@ impl Metrics {
             Box::new(lag_seconds.clone()),
             Box::new(ddl_events.clone()),
             Box::new(conflicts.clone()),
+            Box::new(insert_fallbacks.clone()),
             Box::new(retries.clone()),
             Box::new(lease_held.clone()),
             Box::new(scrape_time),
@@ -169,6 +179,7 @@ impl Metrics {
             lag_seconds,
             ddl_events,
             conflicts,
+            insert_fallbacks,
             retries,
             lease_held,
         }
@@ -253,6 +264,13 @@ impl Metrics {
     /// A last-write-wins conflict was kept on staging's side.
     pub fn conflict(&self, collection: &str) {
         self.conflicts.with_label_values(&[collection]).inc();
+    }
+
+    /// `n` changes of documents written without a look-up went down the slow path.
+    pub fn fresh_insert_fallbacks(&self, collection: &str, n: usize) {
+        self.insert_fallbacks
+            .with_label_values(&[collection])
+            .inc_by(n as u64);
     }
 
     /// A transient failure talking to `side` is being retried.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{DateTime, Document};
+use mongodb::bson::{DateTime, Document, Timestamp};
 use mongodb::Collection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,8 @@ use crate::error::{ErrorKind, MongoContext, Result, SyncError};
 use crate::lease::Fence;
 use crate::metrics::Side;
 use crate::plan::{
-    mask_moved_values, plan_batch, Failed, Outcome, PlannedWrite, Rules, Skip, WriteOp,
+    fresh_inserts, mask_moved_values, plan_batch, Failed, Fresh, Outcome, PlannedWrite, Rules,
+    Skip, WriteOp,
 };
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
@@ -142,13 +143,34 @@ impl Pipeline {
     /// in the dead-letter queue (unless replaying one). `Err` only for trouble with the whole
     /// request (the caller retries the batch: replays are no-ops thanks to the order rule).
     pub async fn apply_changes(&self, changes: &[Change], origin: Origin) -> Result<BatchReport> {
+        self.apply_batch(changes, origin, None).await
+    }
+
+    /// [`Pipeline::apply_changes`] for a stream batch: inserts newer than `replayed_until`
+    /// (production's time when the stream was opened) are written without looking them up
+    /// first (see [`fresh_inserts`]).
+    async fn apply_batch(
+        &self,
+        changes: &[Change],
+        origin: Origin,
+        replayed_until: Option<Timestamp>,
+    ) -> Result<BatchReport> {
+        let fresh = fresh_inserts(&self.rules, changes, replayed_until);
         // From here on `changes` are the ones planned: masked with staging's knowledge too.
-        let (changes, mut outcomes, duplicate_key) = self.plan_and_write(changes, true).await?;
+        let (changes, mut outcomes, duplicate_key) =
+            self.plan_and_write(changes, true, &fresh).await?;
         // A duplicate key error can come from two documents of the batch trading keys in
-        // parallel chunks; try those once more, alone, now that the rest is written.
+        // parallel chunks, or from an insert written without a look-up whose key (or `_id`)
+        // staging already holds (a document to adopt or revive, or a collision): plan those
+        // once more, alone and with every look-up, now that the rest is written.
         if !duplicate_key.is_empty() {
+            if !fresh.is_empty() {
+                self.ctx
+                    .metrics
+                    .fresh_insert_fallbacks(&self.name, duplicate_key.len());
+            }
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
-            let (_, second, _) = self.plan_and_write(&retry, false).await?;
+            let (_, second, _) = self.plan_and_write(&retry, false, &Fresh::new()).await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
                 outcomes[i] = second[k].clone();
             }
@@ -203,8 +225,17 @@ impl Pipeline {
     /// set-based queries — by recorded production `_id`, then by the business keys still
     /// needed (see [`Rules::keys_to_look_up`]).
     pub async fn fetch_existing(&self, changes: &[Change]) -> Result<Vec<Document>> {
+        self.fetch_existing_except(changes, &Fresh::new()).await
+    }
+
+    /// [`Pipeline::fetch_existing`], leaving out the documents known to be new.
+    async fn fetch_existing_except(
+        &self,
+        changes: &[Change],
+        fresh: &Fresh,
+    ) -> Result<Vec<Document>> {
         let what = || format!("looking up staging.{}", self.target);
-        let mut existing: Vec<Document> = match self.rules.id_filter(changes) {
+        let mut existing: Vec<Document> = match self.rules.id_filter(changes, fresh) {
             Some(filter) => self
                 .staging
                 .find(filter)
@@ -215,7 +246,7 @@ impl Pipeline {
                 .with_context(what)?,
             None => vec![],
         };
-        let keys = self.rules.keys_to_look_up(changes, &existing);
+        let keys = self.rules.keys_to_look_up(changes, &existing, fresh);
         if let Some(filter) = self.rules.key_filter(&keys) {
             let by_key: Vec<Document> = self
                 .staging
@@ -238,8 +269,9 @@ impl Pipeline {
         &self,
         changes: &'c [Change],
         set_aside_duplicate_keys: bool,
+        fresh: &Fresh,
     ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>)> {
-        let existing = self.fetch_existing(changes).await?;
+        let existing = self.fetch_existing_except(changes, fresh).await?;
         let changes = mask_moved_values(&self.rules, &self.masker, changes, &existing);
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
         let names = crate::apply::LiteralNames::collect(&existing, &changes);
@@ -335,12 +367,13 @@ impl Pipeline {
         &self,
         changes: &[Change],
         origin: Origin,
+        replayed_until: Option<Timestamp>,
         shutdown: &CancellationToken,
     ) -> Result<Option<BatchReport>> {
         let mut outage: Option<Instant> = None;
         let attempt = || async {
             self.check_fence()?;
-            let apply = self.apply_changes(changes, origin);
+            let apply = self.apply_batch(changes, origin, replayed_until);
             tokio::pin!(apply);
             tokio::select! {
                 r = &mut apply => r.map(Some),
@@ -488,6 +521,15 @@ impl Pipeline {
             StartAt::Time(t) => Some(*t),
             _ => None,
         };
+        // Every change any run may already have applied happened before this moment; the
+        // inserts after it are new to staging (see `fresh_inserts`). Unknown: look everything up.
+        let replayed_until = match self.ctx.production_time().await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::debug!(collection = %self.name, error = %e, "production's time is unknown; every change is looked up");
+                None
+            }
+        };
         // Two batches in flight at most: one being applied, one being read.
         let (tx, mut rx) = mpsc::channel(2);
         let reader_stop = shutdown.child_token();
@@ -529,7 +571,12 @@ impl Pipeline {
                 Some(ReaderMessage::Batch(batch)) => {
                     if !batch.changes.is_empty() {
                         match self
-                            .apply_with_retry(&batch.changes, Origin::Stream, shutdown)
+                            .apply_with_retry(
+                                &batch.changes,
+                                Origin::Stream,
+                                replayed_until,
+                                shutdown,
+                            )
                             .await
                         {
                             Ok(Some(_)) => {}

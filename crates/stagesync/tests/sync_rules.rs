@@ -77,6 +77,18 @@ async fn insert_adopts_the_staging_document_with_the_same_business_key() {
             .get("_id")
     );
     assert_eq!(all_docs(&staging).await.len(), 2);
+    // Both inserts were written without a look-up; staging's unique key index refused the one
+    // whose key it already held, which then went down the slow path and adopted.
+    assert_eq!(
+        engine
+            .ctx
+            .metrics
+            .insert_fallbacks
+            .with_label_values(&["orders"])
+            .get(),
+        1,
+        "one insert fell back to looking staging up"
+    );
     engine.stop().await.unwrap();
 }
 

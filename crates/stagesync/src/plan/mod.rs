@@ -89,11 +89,16 @@ impl Rules {
 
     /// The first of two lookups per batch: the staging documents recorded as coming from the
     /// batch's production `_id`s (`_sync.id $in [...]`, or `_sync.prior.id`).
-    pub fn id_filter(&self, changes: &[Change]) -> Option<Document> {
+    ///
+    /// Production `_id`s in `fresh` (see [`fresh_inserts`]) are not looked up.
+    pub fn id_filter(&self, changes: &[Change], fresh: &Fresh) -> Option<Document> {
         let mut seen = std::collections::HashSet::new();
         let ids: Vec<Bson> = changes
             .iter()
-            .filter(|c| seen.insert(canonical(&c.prod_id)))
+            .filter(|c| {
+                let id = canonical(&c.prod_id);
+                !fresh.contains(&id) && seen.insert(id)
+            })
             .map(|c| c.prod_id.clone())
             .collect();
         // Documents that once belonged to these `_id`s too: their `prior` records say which
@@ -110,10 +115,13 @@ impl Rules {
     /// key of an insert (adoption), of a change whose `_id` staging does not know, or that
     /// differs from the found document's key (a key change must check who holds the new key).
     /// The common update that keeps its key needs no key lookup at all.
+    ///
+    /// The changes of production `_id`s in `fresh` need none: their documents are new.
     pub fn keys_to_look_up(
         &self,
         changes: &[Change],
         found_by_id: &[Document],
+        fresh: &Fresh,
     ) -> Vec<BusinessKey> {
         let known: HashMap<Vec<u8>, Option<Vec<u8>>> = found_by_id
             .iter()
@@ -126,6 +134,9 @@ impl Rules {
         changes
             .iter()
             .filter_map(|c| {
+                if fresh.contains(&canonical(&c.prod_id)) {
+                    return None;
+                }
                 let key = self.key_of(c.doc.as_ref()?).ok()?;
                 let canonical_key = key.canonical();
                 let settled = c.op != Op::Insert
@@ -156,6 +167,68 @@ impl Rules {
         }
         Some(filter)
     }
+}
+
+/// Canonical production `_id`s whose staging documents are known not to exist yet, so the
+/// batch does not look them up (see [`fresh_inserts`]).
+pub type Fresh = std::collections::HashSet<Vec<u8>>;
+
+/// The production `_id`s of a stream batch that are inserted for the first time: their first
+/// change in the batch is an insert newer than `replayed_until`, and their later changes in
+/// the batch keep the insert's business key.
+///
+/// Such a document cannot have a staging counterpart *recorded* under its `_id`: a production
+/// `_id` is inserted once, and every change this or an earlier process may already have
+/// applied is at or before `replayed_until` (production's time when this stream was opened; a
+/// resumed stream replays from the checkpoint, and a batch retried after a failure is read
+/// before it). So the batch writes their documents without looking them up first — the
+/// look-ups are most of what a burst of inserts costs staging. What only staging can tell is
+/// checked by staging itself: an insert whose business key (or `_id`) is already held — a
+/// staging document to adopt, a soft-deleted one to revive, a collision — is refused with a
+/// duplicate key, and its changes are planned again with their look-ups (the slow path that
+/// judges adoption and collisions exactly as before).
+///
+/// The key must not move within the batch: a document inserted onto a held key and moved on
+/// would otherwise be written at its new key as a new document, where production's order
+/// adopts the holder and moves it.
+///
+/// `None` (a snapshot, a replay, a stream whose start time is unknown): nothing is fresh.
+pub fn fresh_inserts(
+    rules: &Rules,
+    changes: &[Change],
+    replayed_until: Option<Timestamp>,
+) -> Fresh {
+    let Some(horizon) = replayed_until else {
+        return Fresh::new();
+    };
+    let key = |c: &Change| {
+        c.doc
+            .as_ref()
+            .and_then(|d| rules.key_of(d).ok())
+            .map(|k| k.canonical())
+    };
+    // Production `_id` → the insert's key, while every change so far keeps it.
+    let mut candidates: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    for c in changes {
+        let id = canonical(&c.prod_id);
+        match candidates.get_mut(&id) {
+            None => {
+                let first_time = c.op == Op::Insert && ts_key(c.cluster_time) > ts_key(horizon);
+                let insert_key = key(c).filter(|_| first_time);
+                candidates.insert(id, insert_key);
+            }
+            Some(kept) => {
+                let keeps = c.op == Op::Delete || c.doc.is_none() || key(c) == *kept;
+                if !keeps {
+                    *kept = None;
+                }
+            }
+        }
+    }
+    candidates
+        .into_iter()
+        .filter_map(|(id, kept)| kept.map(|_| id))
+        .collect()
 }
 
 /// The values of a document's business key fields, in configured order.

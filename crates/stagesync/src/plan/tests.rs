@@ -391,7 +391,7 @@ fn lookups_skip_keys_of_updates_that_keep_them() {
             3,
         ), // adoption
     ];
-    let keys = r.keys_to_look_up(&changes, &found);
+    let keys = r.keys_to_look_up(&changes, &found, &Fresh::new());
     assert_eq!(
         keys,
         vec![
@@ -404,9 +404,47 @@ fn lookups_skip_keys_of_updates_that_keep_them() {
         doc! { "email": { "$in": ["b", "c"] }, "acct": { "$in": [1, 2] } }
     );
     assert_eq!(
-        r.id_filter(&changes).unwrap(),
+        r.id_filter(&changes, &Fresh::new()).unwrap(),
         doc! { "$or": [{ "_sync.id": { "$in": [1, 2, 3] } }, { "_sync.prior.id": { "$in": [1, 2, 3] } }] }
     );
+}
+
+#[test]
+fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
+    let r = rules();
+    let d = |id: i32, email: &str| Some(doc! { "_id": id, "email": email, "acct": 1 });
+    let changes = vec![
+        change(Op::Insert, 1, d(1, "a"), 5), // at the horizon: may be a replay
+        change(Op::Insert, 2, d(2, "b"), 6), // after it: new
+        change(Op::Update, 2, d(2, "b"), 7), // a later change of a new document, same key
+        change(Op::Update, 3, d(3, "c"), 8), // an update first: staging may know it
+        change(Op::Insert, 3, d(3, "c"), 9),
+        change(Op::Insert, 4, None, 10), // no document: nothing to write blind
+        change(Op::Insert, 5, d(5, "e"), 11), // new, but its key moves within the batch
+        change(Op::Update, 5, d(5, "e2"), 12),
+        change(Op::Insert, 6, d(6, "f"), 13), // new, then deleted: still new
+        change(Op::Delete, 6, None, 14),
+    ];
+    let fresh = fresh_inserts(&r, &changes, Some(ts(5)));
+    let ids = |ids: &[i32]| -> Fresh { ids.iter().map(|&i| canonical(&Bson::Int32(i))).collect() };
+    assert_eq!(fresh, ids(&[2, 6]));
+    // Without a horizon (snapshot, replay, unknown start) everything is looked up.
+    assert!(fresh_inserts(&r, &changes, None).is_empty());
+    // The new documents are in neither look-up; the others are.
+    assert_eq!(
+        r.id_filter(&changes, &fresh).unwrap(),
+        doc! { "$or": [{ "_sync.id": { "$in": [1, 3, 4, 5] } }, { "_sync.prior.id": { "$in": [1, 3, 4, 5] } }] }
+    );
+    let key = |e: &str| BusinessKey(vec![e.into(), 1.into()]);
+    assert_eq!(
+        r.keys_to_look_up(&changes, &[], &fresh),
+        vec![key("a"), key("c"), key("e"), key("e2")]
+    );
+    // A batch of nothing but new documents needs no look-up at all.
+    let all_new = vec![change(Op::Insert, 9, d(9, "z"), 6)];
+    let fresh = fresh_inserts(&r, &all_new, Some(ts(5)));
+    assert!(r.id_filter(&all_new, &fresh).is_none());
+    assert!(r.keys_to_look_up(&all_new, &[], &fresh).is_empty());
 }
 
 #[test]
@@ -1143,5 +1181,207 @@ proptest! {
             let replay = plan_now(&changes, &batched);
             prop_assert!(replay.writes.is_empty() && replay.vacate.is_empty(), "a replay writes nothing: {:?}", replay);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inserts written without a look-up (`fresh_inserts`), as the stream pipeline runs them.
+
+/// The staging documents the pipeline's two look-ups return for a batch
+/// (`Pipeline::fetch_existing`): by recorded production `_id` (current or prior), then by the
+/// business keys still needed — leaving out the documents known to be new.
+fn looked_up(staging: &[Document], changes: &[Change], fresh: &Fresh) -> Vec<Document> {
+    let r = rules();
+    let ids: std::collections::HashSet<Vec<u8>> = changes
+        .iter()
+        .map(|c| canonical(&c.prod_id))
+        .filter(|id| !fresh.contains(id))
+        .collect();
+    let owned_by = |d: &Document| -> bool {
+        let Some(meta) = meta_of(d, "_sync") else {
+            return false;
+        };
+        let current = meta
+            .get("id")
+            .is_some_and(|id| ids.contains(&canonical(id)));
+        let prior = meta.get_array("prior").is_ok_and(|p| {
+            p.iter()
+                .filter_map(|e| e.as_document()?.get("id"))
+                .any(|id| ids.contains(&canonical(id)))
+        });
+        current || prior
+    };
+    let mut found: Vec<Document> = staging.iter().filter(|d| owned_by(d)).cloned().collect();
+    let keys: std::collections::HashSet<Vec<u8>> = r
+        .keys_to_look_up(changes, &found, fresh)
+        .iter()
+        .map(BusinessKey::canonical)
+        .collect();
+    found.extend(
+        staging
+            .iter()
+            .filter(|d| r.key_of(d).is_ok_and(|k| keys.contains(&k.canonical())))
+            .cloned(),
+    );
+    found
+}
+
+/// Writes one step as staging does under the unique business-key index: a write that would
+/// give a document a key another document holds when the step starts (or another write of the
+/// step takes) is refused with a duplicate key; the indices of those writes are returned.
+fn apply_step_refusing(staging: &mut Vec<Document>, writes: &[PlannedWrite]) -> Vec<usize> {
+    let r = rules();
+    let key = |d: &Document| r.key_of(d).ok().map(|k| k.canonical());
+    let holders: HashMap<Vec<u8>, Option<Bson>> = staging
+        .iter()
+        .filter_map(|d| Some((key(d)?, d.get("_id").cloned())))
+        .collect();
+    let mut refused = Vec::new();
+    let mut accepted = Vec::new();
+    let mut taken = std::collections::HashSet::new();
+    for (i, w) in writes.iter().enumerate() {
+        let (id, after) = match &w.op {
+            WriteOp::Insert(d) => (d.get("_id").cloned(), Some(d.clone())),
+            WriteOp::Delete { .. } => (None, None),
+            WriteOp::Update { id, set, .. } => {
+                // The key after the update: from the `$set` when it moves, else unchanged.
+                let mut d = staging
+                    .iter()
+                    .find(|d| d.get("_id") == Some(id))
+                    .expect("update of a known document")
+                    .clone();
+                for (path, v) in set {
+                    set_path(&mut d, path, v.clone());
+                }
+                (Some(id.clone()), Some(d))
+            }
+        };
+        if let Some(k) = after.as_ref().and_then(key) {
+            let held_by_other = holders.get(&k).is_some_and(|holder| *holder != id);
+            if held_by_other || !taken.insert(k) {
+                refused.push(i);
+                continue;
+            }
+        }
+        accepted.push(w.clone());
+    }
+    apply_step(staging, &accepted);
+    refused
+}
+
+/// One stream batch through the pipeline's path: look-ups (new documents left out), plan,
+/// temporary key moves, final writes; the changes of inserts refused with a duplicate key are
+/// planned once more with every look-up (`Pipeline::apply_batch`).
+fn pipeline_batch(
+    staging: &mut Vec<Document>,
+    changes: &[Change],
+    replayed_until: Option<Timestamp>,
+) {
+    let fresh = fresh_inserts(&rules(), changes, replayed_until);
+    let existing = looked_up(staging, changes, &fresh);
+    let plan = plan_batch(&rules(), changes, existing, DateTime::from_millis(5));
+    apply_step(staging, &plan.vacate);
+    let refused = apply_step_refusing(staging, &plan.writes);
+    let mut again: Vec<usize> = refused
+        .iter()
+        .flat_map(|&w| plan.writes[w].changes.iter().copied())
+        .collect();
+    again.sort_unstable();
+    if !again.is_empty() {
+        let retry: Vec<Change> = again.iter().map(|&i| changes[i].clone()).collect();
+        let existing = looked_up(staging, &retry, &Fresh::new());
+        let plan = plan_batch(&rules(), &retry, existing, DateTime::from_millis(5));
+        apply_step(staging, &plan.vacate);
+        // Refused again: a real collision, dead-lettered (and refused one at a time too).
+        apply_step_refusing(staging, &plan.writes);
+    }
+}
+
+/// The property of `blind_inserts_end_where_looking_everything_up_does`.
+fn blind_inserts_change_nothing(
+    ops: &[GenOp],
+    seeded: bool,
+    read_late: bool,
+    applied_before: usize,
+    replay_from: usize,
+    cuts: &[usize],
+) -> Result<(), TestCaseError> {
+    let changes = to_changes(
+        ops,
+        Emit {
+            unique_keys: true,
+            read_late,
+        },
+    );
+    prop_assume!(!changes.is_empty());
+    let seed = seed_docs(seeded);
+    // An earlier run applied a prefix and stopped without saving its position that far: this
+    // run replays from an earlier checkpoint. Production's time at the stream's opening is at
+    // least that of the last change applied.
+    let applied = applied_before % (changes.len() + 1);
+    let from = replay_from % (applied + 1);
+    let (before, _) = stepwise(&changes[..applied], &seed);
+    let horizon = match applied {
+        0 => Timestamp {
+            time: 0,
+            increment: 0,
+        },
+        n => changes[n - 1].cluster_time,
+    };
+    // The rest of the stream, in batches cut where the generator says.
+    let rest = &changes[from..];
+    let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (rest.len() + 1)).collect();
+    bounds.extend([0, rest.len()]);
+    bounds.sort_unstable();
+    bounds.dedup();
+    let run = |horizon: Option<Timestamp>| {
+        let mut staging = before.clone();
+        for w in bounds.windows(2) {
+            pipeline_batch(&mut staging, &rest[w[0]..w[1]], horizon);
+        }
+        normalized(staging)
+    };
+    let looked_up_everything = run(None);
+    prop_assert_eq!(
+        run(Some(horizon)),
+        looked_up_everything.clone(),
+        "changes: {:?}; applied before: {}; replayed from: {}; cuts: {:?}",
+        changes,
+        applied,
+        from,
+        bounds
+    );
+    // Without a replay, both also end where production's order does.
+    if applied == 0 && !read_late {
+        let (expected, _) = stepwise(&changes, &seed);
+        prop_assert_eq!(
+            looked_up_everything,
+            normalized(expected),
+            "changes: {:?}; cuts: {:?}",
+            changes,
+            bounds
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, max_global_rejects: 100_000, ..ProptestConfig::default() })]
+
+    /// Writing new documents without looking them up changes nothing: a stream (its updates
+    /// read late or not) cut into random batches, resumed after a run that applied part of it (so some inserts are replays), with
+    /// staging's unique index refusing blind inserts onto held keys (adoptions, revivals,
+    /// collisions go down the slow path), ends where looking every document up does — and,
+    /// without a replay, where planning one change at a time does.
+    #[test]
+    fn blind_inserts_end_where_looking_everything_up_does(
+        ops in prop::collection::vec(gen_op(), 1..24),
+        seeded in any::<bool>(),
+        read_late in any::<bool>(),
+        applied_before in any::<usize>(),
+        replay_from in any::<usize>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..4),
+    ) {
+        blind_inserts_change_nothing(&ops, seeded, read_late, applied_before, replay_from, &cuts)?;
     }
 }
