@@ -31,7 +31,7 @@ use crate::lease::Fence;
 use crate::metrics::Side;
 use crate::plan::{
     fresh_inserts, mask_moved_values, plan_batch, Failed, Fresh, Outcome, PlannedWrite, Rules,
-    Skip, WriteOp,
+    Skip, Touched, WriteOp,
 };
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
@@ -64,6 +64,9 @@ pub struct BatchReport {
     pub failed: usize,
     /// One per change, in order.
     pub outcomes: Vec<Outcome>,
+    /// What the batch wrote, for the look-ups of the next batch made meanwhile (see
+    /// [`Touched`]); `None` when not known exactly (the batch was retried).
+    pub touched: Option<Touched>,
 }
 
 /// One collection's stages and the connections they use.
@@ -143,22 +146,26 @@ impl Pipeline {
     /// in the dead-letter queue (unless replaying one). `Err` only for trouble with the whole
     /// request (the caller retries the batch: replays are no-ops thanks to the order rule).
     pub async fn apply_changes(&self, changes: &[Change], origin: Origin) -> Result<BatchReport> {
-        self.apply_batch(changes, origin, None).await
+        self.apply_batch(changes, origin, None, None).await
     }
 
     /// [`Pipeline::apply_changes`] for a stream batch: inserts newer than `replayed_until`
     /// (production's time when the stream was opened) are written without looking them up
-    /// first (see [`fresh_inserts`]).
+    /// first (see [`fresh_inserts`]); `looked_up` is the batch's look-ups when made already
+    /// (see [`Pipeline::look_up_ahead`]).
     async fn apply_batch(
         &self,
         changes: &[Change],
         origin: Origin,
         replayed_until: Option<Timestamp>,
+        looked_up: Option<Vec<Document>>,
     ) -> Result<BatchReport> {
         let fresh = fresh_inserts(&self.rules, changes, replayed_until);
+        let mut touched = Touched::default();
         // From here on `changes` are the ones planned: masked with staging's knowledge too.
-        let (changes, mut outcomes, duplicate_key) =
-            self.plan_and_write(changes, true, &fresh).await?;
+        let (changes, mut outcomes, duplicate_key) = self
+            .plan_and_write(changes, true, &fresh, looked_up, &mut touched)
+            .await?;
         // A duplicate key error can come from two documents of the batch trading keys in
         // parallel chunks, or from an insert written without a look-up whose key (or `_id`)
         // staging already holds (a document to adopt or revive, or a collision): plan those
@@ -170,7 +177,9 @@ impl Pipeline {
                     .fresh_insert_fallbacks(&self.name, duplicate_key.len());
             }
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
-            let (_, second, _) = self.plan_and_write(&retry, false, &Fresh::new()).await?;
+            let (_, second, _) = self
+                .plan_and_write(&retry, false, &Fresh::new(), None, &mut touched)
+                .await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
                 outcomes[i] = second[k].clone();
             }
@@ -218,7 +227,46 @@ impl Pipeline {
             self.summarise_suppressed(suppressed);
         }
         report.outcomes = outcomes;
+        report.touched = Some(touched);
         Ok(report)
+    }
+
+    /// The look-ups of a stream batch, made while the batch before it is still being written;
+    /// [`Pipeline::refresh_looked_up`] then corrects them once that batch is done. `None` when
+    /// they failed (the batch then looks everything up itself).
+    async fn look_up_ahead(
+        &self,
+        changes: &[Change],
+        replayed_until: Option<Timestamp>,
+    ) -> Option<Vec<Document>> {
+        let fresh = fresh_inserts(&self.rules, changes, replayed_until);
+        self.fetch_existing_except(changes, &fresh).await.ok()
+    }
+
+    /// Look-ups made ahead, made exact now that the batch written meanwhile (`before`) is
+    /// acknowledged: the documents it wrote are dropped and the changes that can meet them are
+    /// looked up again (see [`Touched`]). `None` when that is not possible (the batch before
+    /// was retried, or the second look-up failed): the batch then looks everything up itself.
+    async fn refresh_looked_up(
+        &self,
+        changes: &[Change],
+        replayed_until: Option<Timestamp>,
+        mut looked_up: Vec<Document>,
+        before: Option<Touched>,
+    ) -> Option<Vec<Document>> {
+        let mut touched = before?;
+        touched.drop_written(&self.rules, &mut looked_up);
+        let again: Vec<Change> = changes
+            .iter()
+            .filter(|c| touched.meets(&self.rules, c))
+            .cloned()
+            .collect();
+        if !again.is_empty() {
+            // New documents are judged on the whole batch (a later key move makes one not new).
+            let fresh = fresh_inserts(&self.rules, changes, replayed_until);
+            looked_up.extend(self.fetch_existing_except(&again, &fresh).await.ok()?);
+        }
+        Some(looked_up)
     }
 
     /// The lookup part of the plan stage: the staging documents a batch may touch, in two
@@ -270,12 +318,20 @@ impl Pipeline {
         changes: &'c [Change],
         set_aside_duplicate_keys: bool,
         fresh: &Fresh,
+        looked_up: Option<Vec<Document>>,
+        touched: &mut Touched,
     ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>)> {
-        let existing = self.fetch_existing_except(changes, fresh).await?;
+        let existing = match looked_up {
+            Some(found) => found,
+            None => self.fetch_existing_except(changes, fresh).await?,
+        };
         let changes = mask_moved_values(&self.rules, &self.masker, changes, &existing);
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
         let names = crate::apply::LiteralNames::collect(&existing, &changes);
+        let read = existing.clone();
         let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
+        // Recorded before anything is sent: a write that fails half-way has still touched.
+        touched.record(&self.rules, &changes, &read, &plan);
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
         let guards = |writes: &[PlannedWrite]| -> Vec<Option<mongodb::bson::Timestamp>> {
@@ -368,12 +424,18 @@ impl Pipeline {
         changes: &[Change],
         origin: Origin,
         replayed_until: Option<Timestamp>,
+        looked_up: Option<Vec<Document>>,
         shutdown: &CancellationToken,
     ) -> Result<Option<BatchReport>> {
         let mut outage: Option<Instant> = None;
+        // Look-ups made ahead serve the first attempt only; a retry looks up again.
+        let looked_up = std::sync::Mutex::new(looked_up);
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let attempt = || async {
             self.check_fence()?;
-            let apply = self.apply_batch(changes, origin, replayed_until);
+            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let ahead = looked_up.lock().map(|mut l| l.take()).unwrap_or(None);
+            let apply = self.apply_batch(changes, origin, replayed_until, ahead);
             tokio::pin!(apply);
             tokio::select! {
                 r = &mut apply => r.map(Some),
@@ -410,7 +472,11 @@ impl Pipeline {
         )
         .await
         {
-            Ok((Some(report), _)) => {
+            Ok((Some(mut report), _)) => {
+                // A retried batch may have written more than its last attempt planned.
+                if attempts.load(std::sync::atomic::Ordering::Relaxed) > 1 {
+                    report.touched = None;
+                }
                 if let Some(since) = outage {
                     health.staging_reachable();
                     tracing::info!(collection = %self.name, after_secs = since.elapsed().as_secs(), "staging is back; sync resumed");
@@ -560,47 +626,103 @@ impl Pipeline {
         let mut pending: Option<Checkpoint> = None;
         let mut last_save = Instant::now() - sync.checkpoint_interval;
         let mut saved_once = false;
+        // Stage overlap: while a batch is written, the next one (when the reader has it) is
+        // taken from the channel and looked up in a task of its own; once the first is
+        // acknowledged, those look-ups are corrected for what it wrote (see `Touched`).
+        let mut ahead: Option<tokio::task::JoinHandle<(Batch, Option<Vec<Document>>)>> = None;
+        // A message received while a batch was written, that is not a batch to look up.
+        let mut carried: Option<ReaderMessage> = None;
+        let mut reader_done = false;
+        // What the batch written last changed, for correcting the look-ups made meanwhile.
+        let mut touched: Option<Touched> = None;
         let result = loop {
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
-                m = rx.recv() => m,
-            };
-            match message {
-                None => break Ok(()),
-                Some(ReaderMessage::Failed(e)) => break Err(e),
-                Some(ReaderMessage::Batch(batch)) => {
-                    if !batch.changes.is_empty() {
-                        match self
-                            .apply_with_retry(
+            let (batch, looked_up) = if let Some(task) = ahead.take() {
+                match task.await {
+                    Ok((batch, Some(found))) => {
+                        let found = self
+                            .refresh_looked_up(
                                 &batch.changes,
-                                Origin::Stream,
                                 replayed_until,
-                                shutdown,
+                                found,
+                                touched.take(),
                             )
-                            .await
-                        {
-                            Ok(Some(_)) => {}
-                            // Stopping: this batch is abandoned, its position not saved.
-                            Ok(None) => break Ok(()),
-                            Err(e) => break Err(e),
-                        }
+                            .await;
+                        (batch, found)
                     }
-                    // Applied, or an empty batch: the stream confirmed it is idle.
-                    health.progress(&self.name);
-                    position = position_checkpoint(&batch, &position);
-                    pending = Some(position.clone());
-                    if !saved_once || last_save.elapsed() >= sync.checkpoint_interval {
-                        if let Some(cp) = pending.take() {
-                            if let Err(e) = self.save_checkpoint(&cp, shutdown).await {
-                                break Err(e);
+                    Ok((batch, None)) => (batch, None),
+                    Err(e) => {
+                        break Err(SyncError::TaskFailed(format!(
+                            "the look-up task of `{}`: {e}",
+                            self.name
+                        )))
+                    }
+                }
+            } else {
+                let message = match carried.take() {
+                    Some(m) => Some(m),
+                    None if reader_done => None,
+                    None => tokio::select! {
+                        _ = shutdown.cancelled() => break Ok(()),
+                        m = rx.recv() => m,
+                    },
+                };
+                match message {
+                    None => break Ok(()),
+                    Some(ReaderMessage::Failed(e)) => break Err(e),
+                    Some(ReaderMessage::Batch(batch)) => (batch, None),
+                }
+            };
+            touched = None;
+            if !batch.changes.is_empty() {
+                let apply = self.apply_with_retry(
+                    &batch.changes,
+                    Origin::Stream,
+                    replayed_until,
+                    looked_up,
+                    shutdown,
+                );
+                tokio::pin!(apply);
+                let applied = loop {
+                    tokio::select! {
+                        r = &mut apply => break r,
+                        m = rx.recv(), if ahead.is_none() && carried.is_none() && !reader_done => match m {
+                            Some(ReaderMessage::Batch(next)) if !next.changes.is_empty() => {
+                                let pipeline = self.clone();
+                                ahead = Some(tokio::spawn(async move {
+                                    let found = pipeline.look_up_ahead(&next.changes, replayed_until).await;
+                                    (next, found)
+                                }));
                             }
-                            last_save = Instant::now();
-                            saved_once = true;
-                        }
+                            Some(other) => carried = Some(other),
+                            None => reader_done = true,
+                        },
                     }
+                };
+                match applied {
+                    Ok(Some(report)) => touched = report.touched,
+                    // Stopping: this batch is abandoned, its position not saved.
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+            // Applied, or an empty batch: the stream confirmed it is idle.
+            health.progress(&self.name);
+            position = position_checkpoint(&batch, &position);
+            pending = Some(position.clone());
+            if !saved_once || last_save.elapsed() >= sync.checkpoint_interval {
+                if let Some(cp) = pending.take() {
+                    if let Err(e) = self.save_checkpoint(&cp, shutdown).await {
+                        break Err(e);
+                    }
+                    last_save = Instant::now();
+                    saved_once = true;
                 }
             }
         };
+        // A batch read ahead is abandoned with the run: its position was never saved.
+        if let Some(task) = ahead.take() {
+            task.abort();
+        }
         health.stream_closed(
             &self.name,
             match &result {

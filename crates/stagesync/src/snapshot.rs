@@ -75,7 +75,7 @@ pub async fn snapshot_collection(
             }
         };
         match cs
-            .apply_with_retry(&changes, Origin::Snapshot, None, shutdown)
+            .apply_with_retry(&changes, Origin::Snapshot, None, None, shutdown)
             .await
         {
             Ok(Some(_)) => {}
@@ -230,7 +230,7 @@ async fn prune_stale(
             continue;
         }
         match cs
-            .apply_with_retry(&gone, Origin::Snapshot, None, shutdown)
+            .apply_with_retry(&gone, Origin::Snapshot, None, None, shutdown)
             .await?
         {
             Some(report) => pruned += report.applied as u64,

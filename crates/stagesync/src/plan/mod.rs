@@ -25,6 +25,7 @@
 //! key ([`Plan::vacate`], written before [`Plan::writes`]).
 
 mod merge;
+mod overlap;
 pub mod paths;
 mod pii;
 
@@ -33,6 +34,7 @@ use std::collections::HashMap;
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
 
 pub use merge::diff;
+pub use overlap::Touched;
 pub use paths::{get_path, PathPatterns};
 pub use pii::{mask_moved_values, PII_FIELD};
 
