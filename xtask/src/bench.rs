@@ -2,13 +2,22 @@
 //!
 //! One pair of local servers (production and staging) serves every measurement, so the figures
 //! compare like with like:
-//! 1. staging's raw `insert_many` rate and raw bulk upsert-by-business-key rate;
+//! 1. staging's raw `insert_many`, bulk update by `_id` and bulk upsert-by-business-key rates,
+//!    and bulk update by `_id` with and without stagesync's `_sync.ts` guard (issue 15);
 //! 2. production's raw change-stream read rate for an insert burst;
 //! 3. a naive per-change `findOne` + `insertOne`/`replaceOne` loop (a baseline that lives here,
 //!    not in the product);
-//! 4. the real product (`stagesync run` as a child process) on a mixed burst (70 % inserts, 25 %
-//!    updates, 5 % deletes), timed until staging is *checked* to be in sync, with its peak RSS;
-//! 5. steady load (2 000 changes/s) with lag probes, then a separate `max_writes_per_second` run.
+//! 4. the oracle: the mixed burst's final state written straight into staging (no look-ups, no
+//!    change stream), the floor any sync into this staging server pays;
+//! 5. the real product (`stagesync run` as a child process) on a live mixed burst (70 %
+//!    inserts, 25 % updates, 5 % deletes), timed until staging is *checked* to be in sync;
+//! 6. steady load (2 000 changes/s) with lag probes;
+//! 7. backlog catch-up: `stagesync run` stopped, a mixed burst written, the process restarted,
+//!    timed until staging is checked in sync, with CPU per applied change of each process;
+//! 8. a separate `max_writes_per_second` run;
+//! 9. `stagesync snapshot` of N documents next to staging's raw `insert_many` of the same N;
+//!
+//! and the peak RSS of every stagesync process of the run.
 //!
 //! It prints a table and writes a Markdown report (docs/BENCHMARKS.md by default) with the
 //! machine, the server, the command, the figures and where the time goes (CPU per process from
