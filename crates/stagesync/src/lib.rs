@@ -23,6 +23,7 @@ pub mod context;
 pub mod deadletter;
 pub mod engine;
 pub mod error;
+pub mod filter;
 pub mod health;
 pub mod lease;
 pub mod metrics;

@@ -76,6 +76,10 @@ pub struct Metrics {
     /// `--instance-id`) holds the collection's lease. (Not `instance`: Prometheus sets that
     /// label itself on every scraped series.)
     pub lease_held: prometheus::IntGaugeVec,
+    /// `stagesync_new_document_fresh_ids_total{collection}`: new staging documents that got a
+    /// fresh `_id` because a staging document already held their production `_id`
+    /// (`new_document_id = "production"`).
+    pub fresh_ids: IntCounterVec,
 }
 
 impl Metrics {
@@ -142,6 +146,11 @@ impl Metrics {
             &["collection", "owner"],
         )
         .expect("valid metric");
+        let fresh_ids = counter(
+            "new_document_fresh_ids_total",
+            "New staging documents given a fresh _id because a staging document already held their production _id",
+            &["collection"],
+        );
         let scrape_time = ScrapeTimeGauges::new(health.clone());
         for m in [
             Box::new(changes_read.clone()) as Box<dyn Collector>,
@@ -154,6 +163,7 @@ impl Metrics {
             Box::new(conflicts.clone()),
             Box::new(retries.clone()),
             Box::new(lease_held.clone()),
+            Box::new(fresh_ids.clone()),
             Box::new(scrape_time),
         ] {
             registry.register(m).expect("metric registered once");
@@ -171,7 +181,13 @@ impl Metrics {
             conflicts,
             retries,
             lease_held,
+            fresh_ids,
         }
+    }
+
+    /// A new staging document got a fresh `_id`: its production `_id` was taken in staging.
+    pub fn fresh_id(&self, collection: &str) {
+        self.fresh_ids.with_label_values(&[collection]).inc();
     }
 
     /// Whether this process (`instance`) holds `collection`'s lease.

@@ -288,7 +288,25 @@ impl Pipeline {
             }
         }
         duplicate_key.sort_unstable();
+        self.note_fresh_ids(&changes, &plan.fresh_ids, &outcomes, &duplicate_key);
         Ok((changes, outcomes, duplicate_key))
+    }
+
+    /// Counts (and logs, once per document: later changes find it by `_sync.id`) the new
+    /// documents written under a fresh `_id` because their production `_id` was taken.
+    fn note_fresh_ids(
+        &self,
+        changes: &[Change],
+        fresh: &[usize],
+        outcomes: &[Outcome],
+        set_aside: &[usize],
+    ) {
+        for &i in fresh {
+            if outcomes[i] == Outcome::Applied && set_aside.binary_search(&i).is_err() {
+                self.ctx.metrics.fresh_id(&self.name);
+                tracing::info!(collection = %self.name, production_id = %crate::deadletter::short_id(&changes[i].prod_id), "a staging document already holds this production _id; the new document got a fresh _id (new_document_id = \"production\")");
+            }
+        }
     }
 
     async fn dead_letter(&self, c: &Change, f: &Failed) -> Result<()> {
@@ -483,6 +501,7 @@ impl Pipeline {
             batch_max_events: sync.batch_max_events,
             batch_max_wait: Duration::from_millis(sync.batch_max_wait_ms),
             idle_report: sync.checkpoint_interval,
+            filter: self.rules.filter.clone(),
         };
         let start_time = match &start {
             StartAt::Time(t) => Some(*t),

@@ -103,7 +103,10 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
     let mut cursor = match sample {
         Some(n) => cs
             .source
-            .aggregate(vec![doc! { "$sample": { "size": n as i64 } }])
+            .aggregate(vec![
+                doc! { "$match": rules.in_subset(doc! {}) },
+                doc! { "$sample": { "size": n as i64 } },
+            ])
             .await
             .with_context(reading_prod)?,
         None => {
@@ -112,7 +115,7 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
                 .batch_size(CHUNK as u32)
                 .build();
             cs.source
-                .find(doc! {})
+                .find(rules.in_subset(doc! {}))
                 .with_options(options)
                 .await
                 .with_context(reading_prod)?
@@ -150,7 +153,7 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
     // masked (8 bytes per production document); those not found are read again at the end.
     let masked_ids = if cs.masker.masks_id() && rules.deletes != DeleteMode::Ignore {
         Some(
-            ids::masked_id_set(&cs.source, &cs.masker)
+            ids::masked_id_set(&cs.source, &cs.masker, rules.filter.as_ref())
                 .await
                 .with_context(reading_prod)?,
         )
@@ -174,7 +177,7 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
             .iter()
             .filter_map(|d| d.masked_production_id.clone())
             .collect();
-        let found = ids::find_raw_ids(&cs.source, &cs.masker, &suspects)
+        let found = ids::find_raw_ids(&cs.source, &cs.masker, &suspects, rules.filter.as_ref())
             .await
             .with_context(reading_prod)?;
         report.stale_not_deleted.retain(|d| {
@@ -428,7 +431,7 @@ async fn compare_staging_chunk(
             .collect(),
         None => cs
             .source
-            .find(doc! { "_id": { "$in": ids } })
+            .find(rules.in_subset(doc! { "_id": { "$in": ids } }))
             .projection(doc! { "_id": 1 })
             .await
             .with_context(|| format!("reading production.{}", cs.name))?

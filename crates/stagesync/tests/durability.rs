@@ -476,9 +476,9 @@ async fn outage_test(stop_production: bool) {
     };
     // The outage shows as a warning naming the server, from whichever step met it first
     // (the writes, the checkpoint save, the change stream or the snapshot).
-    let named = log.lines().any(|l| {
-        l.contains("\"WARN\"") && l.contains("unavailable") && l.contains(side)
-    });
+    let named = log
+        .lines()
+        .any(|l| l.contains("\"WARN\"") && l.contains("unavailable") && l.contains(side));
     assert!(named, "the {side} outage was logged as a warning: {log}");
 }
 

@@ -87,6 +87,7 @@ pub async fn check(ctx: &Context) -> CheckOutcome {
                 &crate::source::stream::StartAt::Now,
                 std::time::Duration::from_millis(100),
                 1,
+                pipeline.rules.filter.as_ref(),
             )
             .await
             {
