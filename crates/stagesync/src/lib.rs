@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod plan;
 pub mod preflight;
+pub mod references;
 pub mod replay;
 pub mod retry;
 pub mod snapshot;

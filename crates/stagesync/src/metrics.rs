@@ -80,6 +80,12 @@ pub struct Metrics {
     /// fresh `_id` because a staging document already held their production `_id`
     /// (`new_document_id = "production"`).
     pub fresh_ids: IntCounterVec,
+    /// `stagesync_references_remapped_total{collection}`: references rewritten to a staging
+    /// `_id` different from the production `_id` (when written, or by a pending fix-up).
+    pub references_remapped: IntCounterVec,
+    /// `stagesync_references_pending{collection}`: references of the collection whose
+    /// document is not in staging yet (pending fix-ups), as of the latest sweep.
+    pub references_pending: IntGaugeVec,
 }
 
 impl Metrics {
@@ -151,6 +157,19 @@ impl Metrics {
             "New staging documents given a fresh _id because a staging document already held their production _id",
             &["collection"],
         );
+        let references_remapped = counter(
+            "references_remapped_total",
+            "References rewritten to the staging _id of the document they refer to",
+            &["collection"],
+        );
+        let references_pending = IntGaugeVec::new(
+            Opts::new(
+                "references_pending",
+                "References whose document is not in staging yet (pending fix-ups), as of the latest sweep",
+            ),
+            &["collection"],
+        )
+        .expect("valid metric");
         let scrape_time = ScrapeTimeGauges::new(health.clone());
         for m in [
             Box::new(changes_read.clone()) as Box<dyn Collector>,
@@ -164,6 +183,8 @@ impl Metrics {
             Box::new(retries.clone()),
             Box::new(lease_held.clone()),
             Box::new(fresh_ids.clone()),
+            Box::new(references_remapped.clone()),
+            Box::new(references_pending.clone()),
             Box::new(scrape_time),
         ] {
             registry.register(m).expect("metric registered once");
@@ -182,6 +203,8 @@ impl Metrics {
             retries,
             lease_held,
             fresh_ids,
+            references_remapped,
+            references_pending,
         }
     }
 

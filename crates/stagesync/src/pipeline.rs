@@ -75,6 +75,8 @@ pub struct Pipeline {
     pub applier: Applier,
     pub source: Collection<Document>,
     pub staging: Collection<Document>,
+    /// `[collections.references]`: remapping and pending fix-ups ([`crate::references`]).
+    pub references: crate::references::References,
     /// Per-change warnings (dead letters) are throttled: a poison burst logs a few lines.
     warnings: Arc<LogThrottle>,
     /// The collection's lease, when this process runs it under one (see [`crate::lease`]):
@@ -93,7 +95,7 @@ impl Pipeline {
             name: c.name.clone(),
             target: c.target_name().to_string(),
             rules: Rules::new(&config.sync, c),
-            masker: Masker::new(config.masking.as_ref(), &c.mask),
+            masker: Masker::new(config.masking.as_ref(), &config.mask_rules(c)),
             applier: Applier::new(
                 ctx.staging_db.clone(),
                 c.target_name(),
@@ -104,6 +106,13 @@ impl Pipeline {
             ),
             source: ctx.prod_db.collection(&c.name),
             staging: ctx.staging_db.collection(c.target_name()),
+            references: crate::references::References::new(
+                config.clone(),
+                ctx.staging_db.clone(),
+                &ctx.meta_db,
+                ctx.metrics.clone(),
+                &c.name,
+            ),
             warnings: Arc::new(LogThrottle::new(
                 WARNINGS_PER_MINUTE,
                 Duration::from_secs(60),
@@ -241,9 +250,13 @@ impl Pipeline {
     ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>)> {
         let existing = self.fetch_existing(changes).await?;
         let changes = mask_moved_values(&self.rules, &self.masker, changes, &existing);
+        // References rewritten to staging `_id`s; those not resolvable yet are recorded as
+        // pending fix-ups before anything is written (`crate::references`).
+        let (changes, unresolved) = self.references.remap(changes).await?;
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
         let names = crate::apply::LiteralNames::collect(&existing, &changes);
         let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
+        self.references.before_writes(&plan, &unresolved).await?;
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
         let guards = |writes: &[PlannedWrite]| -> Vec<Option<mongodb::bson::Timestamp>> {
@@ -288,6 +301,7 @@ impl Pipeline {
             }
         }
         duplicate_key.sort_unstable();
+        self.references.after_writes(&changes, &unresolved).await?;
         self.note_fresh_ids(&changes, &plan.fresh_ids, &outcomes, &duplicate_key);
         Ok((changes, outcomes, duplicate_key))
     }

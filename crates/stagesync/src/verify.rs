@@ -56,6 +56,22 @@ pub struct CollectionReport {
     pub stale_not_deleted: Vec<Drift>,
     pub deleted_but_present: Vec<Drift>,
     pub duplicate_keys: Vec<Drift>,
+    /// References (`[collections.references]`) whose document is not in staging: they keep
+    /// the production `_id` until it arrives. Listed, not counted as drift (the referenced
+    /// document may be outside the other collection's subset, or gone in production too).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unresolved_references: Vec<UnresolvedReference>,
+}
+
+/// A reference whose document is not in staging (ids only, never other values).
+#[derive(Debug, Default, Serialize)]
+pub struct UnresolvedReference {
+    pub business_key: String,
+    pub production_id: Option<String>,
+    pub field: String,
+    pub references: String,
+    /// The production `_id` referred to (masked where that collection masks `_id`).
+    pub referenced_id: Option<String>,
 }
 
 impl CollectionReport {
@@ -337,7 +353,25 @@ async fn compare_production_chunk(
 ) -> Result<()> {
     let rules = &cs.rules;
     let existing = cs.fetch_existing(changes).await?;
-    let changes = &*mask_moved_values(rules, &cs.masker, changes, &existing);
+    let changes = mask_moved_values(rules, &cs.masker, changes, &existing);
+    // References as the sync writes them (rewritten to staging `_id`s).
+    let (changes, unresolved) = cs.references.remap(changes).await?;
+    let changes = &*changes;
+    for u in unresolved {
+        let c = &changes[u.change];
+        report.unresolved_references.push(UnresolvedReference {
+            business_key: c
+                .doc
+                .as_ref()
+                .and_then(|d| rules.key_of(d).ok())
+                .map(|k| k.describe(&rules.business_key))
+                .unwrap_or_else(|| "-".into()),
+            production_id: id_text(Some(&c.prod_id)),
+            field: u.path,
+            references: u.referenced,
+            referenced_id: id_text(Some(&u.value)),
+        });
+    }
     let by_id: HashMap<Vec<u8>, Document> = existing
         .iter()
         .filter_map(|d| Some((canonical(d.get("_id")?), d.clone())))

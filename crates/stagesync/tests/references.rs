@@ -5,9 +5,10 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::{all_docs, find_by, staging_doc_where, Engine, Pair};
-use mongodb::bson::{doc, oid::ObjectId, Document};
+use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 
 /// `stagesync verify -c FILE [--json]`: (exit code, stdout).
 fn verify(path: &std::path::Path) -> (i32, String) {
@@ -273,4 +274,260 @@ async fn a_filter_syncs_only_its_subset_and_follows_documents_in_and_out_of_it()
         .unwrap();
     let subset_now = subset_now.iter().filter(|d| in_subset(d)).count() as u64;
     assert_eq!(checked, subset_now, "verify compares only the subset");
+}
+
+const SHOP: &str = r#"
+[[collections]]
+name = "customers"
+business_key = ["email"]
+
+[[collections]]
+name = "orders"
+business_key = ["code"]
+[collections.references]
+customerId = "customers"
+"#;
+
+/// Every live staging order whose customer is in production: (order code, problem) for each
+/// order whose `customerId` does not `$lookup` exactly the staging customer with the order's
+/// `customerNo`.
+async fn misresolved(staging: &mongodb::Database) -> Vec<(String, String)> {
+    let pipeline = vec![
+        doc! { "$lookup": { "from": "customers", "localField": "customerId", "foreignField": "_id", "as": "c" } },
+    ];
+    let rows: Vec<Document> = futures::TryStreamExt::try_collect(
+        staging
+            .collection::<Document>("orders")
+            .aggregate(pipeline)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut bad = Vec::new();
+    for r in rows {
+        let code = r.get_str("code").unwrap_or("?").to_string();
+        let c = r.get_array("c").unwrap();
+        let want = r.get_i32("customerNo").unwrap();
+        match c.as_slice() {
+            [Bson::Document(c)] if c.get_i32("no") == Ok(want) => {}
+            other => bad.push((code, format!("{other:?}"))),
+        }
+    }
+    bad
+}
+
+async fn pending_count(pair: &Pair) -> u64 {
+    pair.meta()
+        .await
+        .collection::<Document>("pending_references")
+        .count_documents(doc! {})
+        .await
+        .unwrap()
+}
+
+fn customer(id: ObjectId, no: i32) -> Document {
+    doc! { "_id": id, "email": format!("c{no}@x.org"), "no": no }
+}
+
+fn order(code: &str, customer: ObjectId, no: i32) -> Document {
+    doc! { "code": code, "customerId": customer, "customerNo": no, "total": 10 }
+}
+
+#[tokio::test]
+async fn order_references_resolve_to_staging_customers_in_every_interleaving() {
+    let pair = Pair::start();
+    let (path, config) = pair.config("", SHOP);
+    let prod = pair.prod().await;
+    let staging = pair.staging().await;
+    let (pc, po) = (
+        prod.collection::<Document>("customers"),
+        prod.collection::<Document>("orders"),
+    );
+    let sc = staging.collection::<Document>("customers");
+    // 20 customers; staging already has 5 of them (by email) under its own `_id`s.
+    let ids: Vec<ObjectId> = (0..30).map(|_| ObjectId::new()).collect();
+    pc.insert_many((0..20).map(|n| customer(ids[n as usize], n)))
+        .await
+        .unwrap();
+    let mut staged = Vec::new();
+    for n in 0..5 {
+        staged.push(doc! { "_id": ObjectId::new(), "email": format!("c{n}@x.org"), "qa": "mine" });
+    }
+    // And two customers that will only arrive later (20, 21): one of them adopted.
+    staged.push(doc! { "_id": ObjectId::new(), "email": "c21@x.org", "qa": "mine" });
+    sc.insert_many(staged).await.unwrap();
+    // Orders: of existing customers, and two of customers not in production yet.
+    let mut orders: Vec<Document> = (0..40)
+        .map(|i| order(&format!("o{i}"), ids[(i % 20) as usize], i % 20))
+        .collect();
+    orders.push(order("early-20", ids[20], 20));
+    orders.push(order("early-21", ids[21], 21));
+    po.insert_many(orders).await.unwrap();
+
+    let engine = Engine::start(config).await;
+    // After the snapshot: every order of an existing customer resolves; the two early ones
+    // wait (pending) for their customers.
+    common::eventually(
+        "the snapshot's orders to resolve",
+        Duration::from_secs(30),
+        || async {
+            let bad = misresolved(&staging).await;
+            bad.len() == 2 && bad.iter().all(|(code, _)| code.starts_with("early-"))
+        },
+    )
+    .await;
+    assert_eq!(pending_count(&pair).await, 2);
+
+    // Live, in several interleavings:
+    // - the waiting customers arrive: 20 new, 21 adopted by key after its orders arrived;
+    pc.insert_many(vec![customer(ids[20], 20), customer(ids[21], 21)])
+        .await
+        .unwrap();
+    // - an order before its customer, the customer then adopted (staging has its email);
+    sc.insert_one(doc! { "_id": ObjectId::new(), "email": "c22@x.org", "qa": "mine" })
+        .await
+        .unwrap();
+    po.insert_one(order("live-22", ids[22], 22)).await.unwrap();
+    // - a new order of an adopted customer, a changed reference, a customer key change.
+    po.insert_one(order("live-1", ids[1], 1)).await.unwrap();
+    po.update_one(
+        doc! { "code": "o2" },
+        doc! { "$set": { "customerId": ids[3], "customerNo": 3 } },
+    )
+    .await
+    .unwrap();
+    pc.update_one(
+        doc! { "_id": ids[0] },
+        doc! { "$set": { "email": "c0-new@x.org" } },
+    )
+    .await
+    .unwrap();
+    pc.insert_one(customer(ids[22], 22)).await.unwrap();
+    // - an order and its customer in one batch, the order first.
+    po.insert_one(order("live-23", ids[23], 23)).await.unwrap();
+    pc.insert_one(customer(ids[23], 23)).await.unwrap();
+    po.insert_one(doc! { "code": "marker", "customerId": ids[4], "customerNo": 4 })
+        .await
+        .unwrap();
+    staging_doc_where(
+        &staging.collection::<Document>("orders"),
+        doc! { "code": "marker" },
+        "synced",
+        |_| true,
+    )
+    .await;
+    common::eventually(
+        "every order to resolve to its staging customer, nothing pending",
+        Duration::from_secs(30),
+        || async { misresolved(&staging).await.is_empty() && pending_count(&pair).await == 0 },
+    )
+    .await;
+    // The adopted customers kept their staging `_id`, so their orders were remapped.
+    let adopted = find_by(&sc, doc! { "email": "c22@x.org" })
+        .await
+        .pop()
+        .unwrap();
+    assert_ne!(adopted.get_object_id("_id").unwrap(), ids[22]);
+    let live22 = find_by(&staging.collection("orders"), doc! { "code": "live-22" })
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(live22.get("customerId"), adopted.get("_id"));
+    assert!(
+        engine
+            .ctx
+            .metrics
+            .references_remapped
+            .with_label_values(&["orders"])
+            .get()
+            >= 8
+    );
+    engine.stop().await.unwrap();
+    let (code, out) = verify(&path);
+    assert_eq!(code, 0, "verify: {out}");
+    assert!(!out.contains("unresolved_references"), "{out}");
+}
+
+#[tokio::test]
+async fn a_kill_9_loses_no_pending_fix_up() {
+    let pair = Pair::start();
+    let (path, _) = pair.config("lease_ttl = \"2s\"", SHOP);
+    let prod = pair.prod().await;
+    let staging = pair.staging().await;
+    let (pc, po) = (
+        prod.collection::<Document>("customers"),
+        prod.collection::<Document>("orders"),
+    );
+    // 50 customers staging already has (adopted when they arrive); their orders come first.
+    let ids: Vec<ObjectId> = (0..50).map(|_| ObjectId::new()).collect();
+    staging
+        .collection::<Document>("customers")
+        .insert_many(
+            (0..50).map(|n| doc! { "_id": ObjectId::new(), "email": format!("c{n}@x.org") }),
+        )
+        .await
+        .unwrap();
+    let mut run = common::RunProcess::start(&path, pair.dir.path(), &[]);
+    common::eventually(
+        "run to stream both collections",
+        Duration::from_secs(60),
+        || async {
+            let cps = pair.meta().await.collection::<Document>("checkpoints");
+            cps.count_documents(doc! { "token": { "$exists": true } })
+                .await
+                .unwrap()
+                >= 2
+        },
+    )
+    .await;
+    // Orders stream in; kill -9 once fix-ups are pending, in the middle of the writes.
+    let writer = {
+        let po = po.clone();
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            for i in 0..400 {
+                let n = i % 50;
+                po.insert_one(order(&format!("o{i}"), ids[n as usize], n))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    common::eventually("fix-ups to be pending", Duration::from_secs(60), || async {
+        pending_count(&pair).await >= 10
+    })
+    .await;
+    run.child.kill().unwrap(); // SIGKILL
+    run.child.wait().unwrap();
+    writer.await.unwrap();
+    let pending_after_kill = pending_count(&pair).await;
+    assert!(pending_after_kill >= 10);
+    // The customers arrive while nothing runs; then a new process takes over.
+    pc.insert_many((0..50).map(|n| customer(ids[n as usize], n)))
+        .await
+        .unwrap();
+    let mut run = common::RunProcess::start(&path, pair.dir.path(), &[]);
+    common::eventually(
+        "every order to resolve to its (adopted) staging customer, nothing pending",
+        Duration::from_secs(90),
+        || async {
+            let orders = staging
+                .collection::<Document>("orders")
+                .count_documents(doc! {})
+                .await
+                .unwrap();
+            orders == 400
+                && misresolved(&staging).await.is_empty()
+                && pending_count(&pair).await == 0
+        },
+    )
+    .await;
+    assert!(run
+        .terminate(Duration::from_secs(15))
+        .is_some_and(|s| s.success()));
+    let log = run.log_text();
+    assert!(!log.contains("c1@x.org"), "logs hold no document values");
+    let (code, out) = verify(&path);
+    assert_eq!(code, 0, "verify: {out}");
 }

@@ -231,6 +231,9 @@ pub struct CollectionConfig {
     /// A MongoDB query on the production document: only the documents it matches are synced.
     #[serde(default)]
     pub filter: Option<toml::Table>,
+    /// Field path → the configured collection whose production `_id` it holds.
+    #[serde(default)]
+    pub references: BTreeMap<String, String>,
 }
 
 fn default_deletes() -> DeleteMode {
@@ -643,6 +646,32 @@ impl Config {
             if let Some(f) = &c.filter {
                 filter::check(&at.key("filter"), f)?;
             }
+            for (path, referenced) in &c.references {
+                let key = at.key("references").key(path);
+                check_path(key.clone(), path, false)?;
+                if path == &sync.metadata_field
+                    || path.starts_with(&format!("{}.", sync.metadata_field))
+                {
+                    return Err(key_error(
+                        key,
+                        format!("\"{path}\" is stagesync's metadata field"),
+                    ));
+                }
+                if c.business_key.iter().any(|k| path_overlaps(k, path)) {
+                    return Err(key_error(key, format!("\"{path}\" overlaps the business key; a reference remapped to a staging _id would change the key")));
+                }
+                if c.preserve.iter().any(|p| path_overlaps(p, path)) {
+                    return Err(key_error(key, format!("\"{path}\" is preserved: staging owns it, so stagesync never remaps it")));
+                }
+                if self.collection(referenced).is_none() {
+                    let names: Vec<String> = self
+                        .collections
+                        .iter()
+                        .map(|c| format!("\"{}\"", c.name))
+                        .collect();
+                    return Err(key_error(key, format!("references collection \"{referenced}\", which is not configured; configured collections: {}", names.join(", "))));
+                }
+            }
             for (path, rule) in &c.mask {
                 let key = at.key("mask").key(path);
                 // `_id` may be masked ("_id" = "hash"): it stays deterministic, so matching
@@ -675,6 +704,20 @@ impl Config {
 
     pub fn collection(&self, name: &str) -> Option<&CollectionConfig> {
         self.collections.iter().find(|c| c.name == name)
+    }
+
+    /// The masking rules of collection `c` as applied: its own, plus — for each reference to a
+    /// collection whose `_id` is masked — that collection's `_id` rule on the reference's path
+    /// (unless `c` names the path itself), so a reference holds the masked `_id` it refers to.
+    pub fn mask_rules(&self, c: &CollectionConfig) -> BTreeMap<String, String> {
+        let mut rules = c.mask.clone();
+        for (path, referenced) in &c.references {
+            let id_rule = self.collection(referenced).and_then(|r| r.mask.get("_id"));
+            if let Some(rule) = id_rule {
+                rules.entry(path.clone()).or_insert_with(|| rule.clone());
+            }
+        }
+        rules
     }
 }
 
@@ -934,7 +977,7 @@ preserve = ["qa", "experiments.*"]
             ),
             (
                 MINIMAL.replace("preserve", "delete = \"soft\"\npreserve"),
-                "config error in <text> line 11: collections[0].delete: unknown field `delete` in [[collections]]; allowed: `name`, `target`, `business_key`, `preserve`, `deletes`, `soft_delete_field`, `deleted_at_field`, `schema_version_field`, `max_schema_version`, `mask`, `new_document_id`, `filter`",
+                "config error in <text> line 11: collections[0].delete: unknown field `delete` in [[collections]]; allowed: `name`, `target`, `business_key`, `preserve`, `deletes`, `soft_delete_field`, `deleted_at_field`, `schema_version_field`, `max_schema_version`, `mask`, `new_document_id`, `filter`, `references`",
             ),
             (
                 MINIMAL.replace("database = \"production\"\n", ""),
@@ -1054,6 +1097,29 @@ preserve = ["qa", "experiments.*"]
         for (f, expected) in cases {
             assert_eq!(refused(&with_filter(f)), expected, "{f}");
         }
+    }
+
+    #[test]
+    fn references_name_configured_collections_and_masked_ids_follow_them() {
+        let two = format!(
+            "{MINIMAL}[collections.references]\ncustomerId = \"customers\"\n\
+             [[collections]]\nname = \"customers\"\nbusiness_key = [\"email\"]\n\
+             [collections.mask]\n\"_id\" = \"hash\"\n[masking]\nkey = \"0123456789abcdef0123\"\n"
+        );
+        let c = Config::parse(&two, &env).unwrap();
+        assert_eq!(c.collections[0].references["customerId"], "customers");
+        // The reference is masked like the `_id` it holds.
+        assert_eq!(c.mask_rules(&c.collections[0])["customerId"], "hash");
+        assert!(c.mask_rules(&c.collections[1]).contains_key("_id"));
+        let e = refused(&two.replace("= \"customers\"\n[[", "= \"clients\"\n[["));
+        assert_eq!(e, "config error in <text> line 13: collections[0].references.customerId: references collection \"clients\", which is not configured; configured collections: \"orders\", \"customers\"");
+        let e = refused(&two.replace("customerId = ", "userEmail = "));
+        assert!(
+            e.contains("collections[0].references.userEmail") && e.contains("business key"),
+            "{e}"
+        );
+        let e = refused(&two.replace("customerId = ", "\"qa.x\" = "));
+        assert!(e.contains("is preserved"), "{e}");
     }
 
     #[test]
