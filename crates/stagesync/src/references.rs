@@ -357,29 +357,6 @@ impl References {
         Ok(left)
     }
 
-    /// This collection's pending fix-ups (for `verify`): (staging `_id`, field, referenced
-    /// collection, production `_id` referred to), at most `limit`, and how many there are.
-    pub async fn pending_list(&self, limit: i64) -> Result<(Vec<Document>, u64)> {
-        let filter = doc! { "sync": &self.sync_name, "collection": &self.collection };
-        let what = "reading pending reference fix-ups";
-        let total = self
-            .pending
-            .count_documents(filter.clone())
-            .await
-            .context(what)?;
-        let list = self
-            .pending
-            .find(filter)
-            .sort(doc! { "since": 1 })
-            .limit(limit)
-            .await
-            .context(what)?
-            .try_collect()
-            .await
-            .context(what)?;
-        Ok((list, total))
-    }
-
     /// Resolves the pending fix-ups matching `filter` whose document is in staging now.
     async fn resolve(&self, filter: Document) -> Result<()> {
         let what = "resolving pending reference fix-ups";
