@@ -2,7 +2,9 @@
 //!
 //! Starts a production and a staging server, seeds both (staging already holds some of the same
 //! customers under its own `_id`s, with QA notes), runs `stagesync run` as a child process, makes
-//! live production changes and prints staging after each, then stops everything.
+//! live production changes and prints staging after each, then stops everything. Orders
+//! reference customers (`customerId`); one customer is adopted under a staging `_id`, and the
+//! demo ends with a `$lookup` from orders to customers in staging that finds every customer.
 
 use std::future::Future;
 use std::process::{Command, Stdio};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::{Client, Collection};
 
 use stagesync_testkit::{server_binary, LocalServer};
@@ -31,6 +33,12 @@ name = "orders"
 business_key = ["userEmail", "accountId"]
 preserve = ["qaNote", "experiments.*"]
 deletes = "soft"
+[collections.references]
+customerId = "customers"       # rewritten to the customer's staging _id
+
+[[collections]]
+name = "customers"
+business_key = ["email"]
 "#;
 
 pub async fn command(exe: std::path::PathBuf) -> anyhow::Result<()> {
@@ -47,10 +55,26 @@ pub async fn command(exe: std::path::PathBuf) -> anyhow::Result<()> {
     let staging: Collection<Document> =
         staging_client.database("shop_staging").collection("orders");
 
+    let prod_customers: Collection<Document> = prod_client.database("shop").collection("customers");
+    let staging_customers: Collection<Document> = staging_client
+        .database("shop_staging")
+        .collection("customers");
+    let (ada, grace, linus) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
+    prod_customers
+        .insert_many(vec![
+            doc! { "_id": ada, "email": "ada@example.org", "name": "Ada Lovelace" },
+            doc! { "_id": grace, "email": "grace@example.org", "name": "Grace Hopper" },
+            doc! { "_id": linus, "email": "linus@example.org", "name": "Linus Torvalds" },
+        ])
+        .await?;
+    // Staging already has Ada's customer record, under its own _id: she is adopted by email.
+    staging_customers
+        .insert_one(doc! { "_id": "stg-cust-ada", "email": "ada@example.org", "name": "Ada (QA)", "qaNote": "test card on file" })
+        .await?;
     prod.insert_many(vec![
-        doc! { "userEmail": "ada@example.org", "accountId": 1, "total": 120, "status": "paid" },
-        doc! { "userEmail": "grace@example.org", "accountId": 2, "total": 75, "status": "paid" },
-        doc! { "userEmail": "linus@example.org", "accountId": 3, "total": 30, "status": "pending" },
+        doc! { "userEmail": "ada@example.org", "accountId": 1, "total": 120, "status": "paid", "customerId": ada },
+        doc! { "userEmail": "grace@example.org", "accountId": 2, "total": 75, "status": "paid", "customerId": grace },
+        doc! { "userEmail": "linus@example.org", "accountId": 3, "total": 30, "status": "pending", "customerId": linus },
     ])
     .await?;
     // Staging already knows two of these customers, under its own _ids, with QA-only fields.
@@ -114,6 +138,16 @@ pub async fn command(exe: std::path::PathBuf) -> anyhow::Result<()> {
             count(&staging, doc! { "userEmail": "grace@example.org", "deleted": true }).await == 1
         })
         .await?;
+
+        // References: Ada's customer record was adopted under staging's _id "stg-cust-ada";
+        // grace's and linus's were inserted under their production _ids. A new order of Ada's
+        // arrives with her production _id, and is written with her staging _id.
+        prod.insert_one(doc! { "userEmail": "ada@example.org", "accountId": 5, "total": 60, "status": "paid", "customerId": ada }).await?;
+        step("references: a new order of ada's (customerId rewritten to her staging _id)", &staging, || async {
+            count(&staging, doc! { "accountId": 5, "customerId": "stg-cust-ada" }).await == 1
+        })
+        .await?;
+        lookup(&staging).await?;
         anyhow::Ok(())
     }
     .await;
@@ -146,6 +180,71 @@ pub async fn command(exe: std::path::PathBuf) -> anyhow::Result<()> {
         }
         Some(s) => bail!("stagesync run exited with {s} on SIGTERM"),
         None => bail!("stagesync run did not stop within 10 s of SIGTERM"),
+    }
+    Ok(())
+}
+
+/// `db.orders.aggregate([{$lookup: {from: "customers", localField: "customerId",
+/// foreignField: "_id", as: "c"}}])` in staging: every order finds its customer.
+async fn lookup(staging: &Collection<Document>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let rows = loop {
+        let rows: Vec<Document> = staging
+            .aggregate(vec![
+                doc! { "$lookup": { "from": "customers", "localField": "customerId", "foreignField": "_id", "as": "c" } },
+                doc! { "$sort": { "accountId": 1 } },
+            ])
+            .await?
+            .try_collect()
+            .await?;
+        let all_found = rows
+            .iter()
+            .filter(|r| r.contains_key("customerId"))
+            .all(|r| r.get_array("c").is_ok_and(|c| c.len() == 1));
+        // (A customer copied after its orders is fixed up as it arrives: give it a moment.)
+        if all_found || started.elapsed() > Duration::from_secs(30) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("\n$ db.orders.aggregate([{{$lookup: {{from: \"customers\", localField: \"customerId\", foreignField: \"_id\", as: \"c\"}}}}])   (in staging)");
+    println!(
+        "  {:<22} {:>4} {:<14} customer found",
+        "userEmail", "acct", "customerId"
+    );
+    let mut missing = 0;
+    for r in &rows {
+        let customer = r
+            .get_array("c")
+            .ok()
+            .and_then(|c| c.first())
+            .and_then(Bson::as_document)
+            .and_then(|c| c.get_str("name").ok().map(String::from));
+        if customer.is_none() && r.contains_key("customerId") {
+            missing += 1;
+        }
+        let id = match r.get("customerId") {
+            Some(Bson::ObjectId(o)) => format!("…{}", &o.to_hex()[18..]),
+            Some(Bson::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => "-".into(),
+        };
+        println!(
+            "  {:<22} {:>4} {:<14} {}",
+            r.get_str("userEmail").unwrap_or("-"),
+            r.get("accountId")
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            id,
+            match (&customer, r.contains_key("customerId")) {
+                (Some(name), _) => name.as_str(),
+                (None, true) => "NOT FOUND",
+                (None, false) => "- (no customerId)",
+            }
+        );
+    }
+    if missing > 0 {
+        bail!("{missing} staging orders do not find their customer by $lookup");
     }
     Ok(())
 }

@@ -264,6 +264,49 @@ impl Coordinator {
 /// Runs one collection until `shutdown`: snapshot if needed, then the change stream; when
 /// production lost the history, follows `on_history_lost`.
 pub async fn sync_collection(pipeline: Pipeline, shutdown: CancellationToken) -> Result<()> {
+    // Pending reference fix-ups of this collection are swept while it is synced.
+    let sweeper = pipeline
+        .references
+        .has_outgoing()
+        .then(|| tokio::spawn(sweep_references(pipeline.clone(), shutdown.child_token())));
+    let result = sync_collection_inner(&pipeline, &shutdown).await;
+    if let Some(task) = sweeper {
+        task.abort();
+        let _ = task.await;
+    }
+    result
+}
+
+/// How often a collection's pending reference fix-ups are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// Resolves the collection's pending reference fix-ups every [`SWEEP_EVERY`] (see
+/// [`crate::references`]); failures are retried at the next round.
+async fn sweep_references(pipeline: Pipeline, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        match pipeline.references.sweep().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!(collection = %pipeline.name, "pending reference fix-ups are resolved again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(collection = %pipeline.name, error = %e, "cannot resolve pending reference fix-ups now; retrying");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+    }
+}
+
+async fn sync_collection_inner(pipeline: &Pipeline, shutdown: &CancellationToken) -> Result<()> {
+    let pipeline = pipeline.clone();
+    let shutdown = shutdown.clone();
     let config = pipeline.context().config.clone();
     let mut forced_resync = false;
     loop {
@@ -308,6 +351,16 @@ pub async fn prepare_staging(ctx: &Context, shutdown: &CancellationToken) -> Res
             .ensure_indexes()
             .await
             .map_err(|e| SyncError::mongo("creating the dead-letter indexes", e))?;
+        if ctx
+            .config
+            .collections
+            .iter()
+            .any(|c| !c.references.is_empty())
+        {
+            crate::references::References::ensure_indexes(&ctx.meta_db)
+                .await
+                .map_err(|e| SyncError::mongo("creating the pending-reference indexes", e))?;
+        }
         for c in &ctx.config.collections {
             let rules = Rules::new(&ctx.config.sync, c);
             crate::apply::ensure_indexes(&ctx.staging_db, c.target_name(), &rules).await?;

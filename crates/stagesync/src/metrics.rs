@@ -78,6 +78,16 @@ pub struct Metrics {
     /// `--instance-id`) holds the collection's lease. (Not `instance`: Prometheus sets that
     /// label itself on every scraped series.)
     pub lease_held: prometheus::IntGaugeVec,
+    /// `stagesync_new_document_fresh_ids_total{collection}`: new staging documents that got a
+    /// fresh `_id` because a staging document already held their production `_id`
+    /// (`new_document_id = "production"`).
+    pub fresh_ids: IntCounterVec,
+    /// `stagesync_references_remapped_total{collection}`: references rewritten to a staging
+    /// `_id` different from the production `_id` (when written, or by a pending fix-up).
+    pub references_remapped: IntCounterVec,
+    /// `stagesync_references_pending{collection}`: references of the collection whose
+    /// document is not in staging yet (pending fix-ups), as of the latest sweep.
+    pub references_pending: IntGaugeVec,
 }
 
 impl Metrics {
@@ -151,6 +161,24 @@ impl Metrics {
             &["collection", "owner"],
         )
         .expect("valid metric");
+        let fresh_ids = counter(
+            "new_document_fresh_ids_total",
+            "New staging documents given a fresh _id because a staging document already held their production _id",
+            &["collection"],
+        );
+        let references_remapped = counter(
+            "references_remapped_total",
+            "References rewritten to the staging _id of the document they refer to",
+            &["collection"],
+        );
+        let references_pending = IntGaugeVec::new(
+            Opts::new(
+                "references_pending",
+                "References whose document is not in staging yet (pending fix-ups), as of the latest sweep",
+            ),
+            &["collection"],
+        )
+        .expect("valid metric");
         let scrape_time = ScrapeTimeGauges::new(health.clone());
         for m in [
             Box::new(changes_read.clone()) as Box<dyn Collector>,
@@ -164,6 +192,9 @@ impl Metrics {
             Box::new(insert_fallbacks.clone()),
             Box::new(retries.clone()),
             Box::new(lease_held.clone()),
+            Box::new(fresh_ids.clone()),
+            Box::new(references_remapped.clone()),
+            Box::new(references_pending.clone()),
             Box::new(scrape_time),
         ] {
             registry.register(m).expect("metric registered once");
@@ -182,7 +213,15 @@ impl Metrics {
             insert_fallbacks,
             retries,
             lease_held,
+            fresh_ids,
+            references_remapped,
+            references_pending,
         }
+    }
+
+    /// A new staging document got a fresh `_id`: its production `_id` was taken in staging.
+    pub fn fresh_id(&self, collection: &str) {
+        self.fresh_ids.with_label_values(&[collection]).inc();
     }
 
     /// Whether this process (`instance`) holds `collection`'s lease.

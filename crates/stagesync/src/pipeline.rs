@@ -79,6 +79,8 @@ pub struct Pipeline {
     pub applier: Applier,
     pub source: Collection<Document>,
     pub staging: Collection<Document>,
+    /// `[collections.references]`: remapping and pending fix-ups ([`crate::references`]).
+    pub references: crate::references::References,
     /// Per-change warnings (dead letters) are throttled: a poison burst logs a few lines.
     warnings: Arc<LogThrottle>,
     /// The collection's lease, when this process runs it under one (see [`crate::lease`]):
@@ -97,7 +99,7 @@ impl Pipeline {
             name: c.name.clone(),
             target: c.target_name().to_string(),
             rules: Rules::new(&config.sync, c),
-            masker: Masker::new(config.masking.as_ref(), &c.mask),
+            masker: Masker::new(config.masking.as_ref(), &config.mask_rules(c)),
             applier: Applier::new(
                 ctx.staging_db.clone(),
                 c.target_name(),
@@ -108,6 +110,13 @@ impl Pipeline {
             ),
             source: ctx.prod_db.collection(&c.name),
             staging: ctx.staging_db.collection(c.target_name()),
+            references: crate::references::References::new(
+                config.clone(),
+                ctx.staging_db.clone(),
+                &ctx.meta_db,
+                ctx.metrics.clone(),
+                &c.name,
+            ),
             warnings: Arc::new(LogThrottle::new(
                 WARNINGS_PER_MINUTE,
                 Duration::from_secs(60),
@@ -326,12 +335,16 @@ impl Pipeline {
             None => self.fetch_existing_except(changes, fresh).await?,
         };
         let changes = mask_moved_values(&self.rules, &self.masker, changes, &existing);
+        // References rewritten to staging `_id`s; those not resolvable yet are recorded as
+        // pending fix-ups before anything is written (`crate::references`).
+        let (changes, unresolved) = self.references.remap(changes).await?;
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
         let names = crate::apply::LiteralNames::collect(&existing, &changes);
         let read = existing.clone();
         let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
         // Recorded before anything is sent: a write that fails half-way has still touched.
         touched.record(&self.rules, &changes, &read, &plan);
+        self.references.before_writes(&plan, &unresolved).await?;
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
         let guards = |writes: &[PlannedWrite]| -> Vec<Option<mongodb::bson::Timestamp>> {
@@ -376,7 +389,26 @@ impl Pipeline {
             }
         }
         duplicate_key.sort_unstable();
+        self.references.after_writes(&changes, &unresolved).await?;
+        self.note_fresh_ids(&changes, &plan.fresh_ids, &outcomes, &duplicate_key);
         Ok((changes, outcomes, duplicate_key))
+    }
+
+    /// Counts (and logs, once per document: later changes find it by `_sync.id`) the new
+    /// documents written under a fresh `_id` because their production `_id` was taken.
+    fn note_fresh_ids(
+        &self,
+        changes: &[Change],
+        fresh: &[usize],
+        outcomes: &[Outcome],
+        set_aside: &[usize],
+    ) {
+        for &i in fresh {
+            if outcomes[i] == Outcome::Applied && set_aside.binary_search(&i).is_err() {
+                self.ctx.metrics.fresh_id(&self.name);
+                tracing::info!(collection = %self.name, production_id = %crate::deadletter::short_id(&changes[i].prod_id), "a staging document already holds this production _id; the new document got a fresh _id (new_document_id = \"production\")");
+            }
+        }
     }
 
     async fn dead_letter(&self, c: &Change, f: &Failed) -> Result<()> {
@@ -582,6 +614,7 @@ impl Pipeline {
             batch_max_events: sync.batch_max_events,
             batch_max_wait: Duration::from_millis(sync.batch_max_wait_ms),
             idle_report: sync.checkpoint_interval,
+            filter: self.rules.filter.clone(),
         };
         let start_time = match &start {
             StartAt::Time(t) => Some(*t),

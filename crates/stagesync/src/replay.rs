@@ -56,9 +56,14 @@ pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<ReplayReport> {
             .filter_map(|e| e.get("productionId").cloned())
             .collect();
         let read_time = ctx.production_time().await?;
-        let raw = find_raw_ids(&pipeline.source, &pipeline.masker, &wanted)
-            .await
-            .with_context(|| format!("reading production.{collection}"))?;
+        let raw = find_raw_ids(
+            &pipeline.source,
+            &pipeline.masker,
+            &wanted,
+            pipeline.rules.filter.as_ref(),
+        )
+        .await
+        .with_context(|| format!("reading production.{collection}"))?;
         resolved.insert(collection.to_string(), (read_time, raw));
     }
     for (id, entry) in entries {
@@ -99,7 +104,7 @@ pub async fn replay(ctx: &Context, ids: &[ObjectId]) -> Result<ReplayReport> {
         let current = match raw_id {
             Some(raw_id) => pipeline
                 .source
-                .find_one(doc! { "_id": raw_id })
+                .find_one(pipeline.rules.in_subset(doc! { "_id": raw_id }))
                 .await
                 .with_context(|| format!("reading production.{collection}"))?,
             None => None,

@@ -58,6 +58,7 @@ pub async fn snapshot_collection(
     let reader = tokio::spawn(scan::read_documents(
         cs.source.clone(),
         cs.masker.clone(),
+        cs.rules.filter.clone(),
         read_time,
         last_id.clone(),
         cs.context().config.sync.snapshot_batch_size,
@@ -145,7 +146,8 @@ async fn save_progress(
     cs.save_checkpoint(&cp, shutdown).await.map(|_| ())
 }
 
-/// Deletes (per `deletes`) the staging documents from production whose source no longer exists.
+/// Deletes (per `deletes`) the staging documents from production whose source no longer exists
+/// (or, with a `filter`, no longer belongs to the subset).
 /// Candidates are documents the copy did not stamp (`ts` older than the read time) and not
 /// soft-deleted yet; each is checked against production before anything is written.
 async fn prune_stale(
@@ -194,9 +196,14 @@ async fn prune_stale(
     // masked to find which candidates still exist (see `transform::ids`).
     let still_there = if cs.masker.masks_id() {
         Some(
-            crate::transform::ids::find_raw_ids(&cs.source, &cs.masker, &ids)
-                .await
-                .with_context(checking)?,
+            crate::transform::ids::find_raw_ids(
+                &cs.source,
+                &cs.masker,
+                &ids,
+                rules.filter.as_ref(),
+            )
+            .await
+            .with_context(checking)?,
         )
     } else {
         None
@@ -210,7 +217,7 @@ async fn prune_stale(
                 .collect(),
             None => cs
                 .source
-                .find(doc! { "_id": { "$in": chunk.to_vec() } })
+                .find(rules.in_subset(doc! { "_id": { "$in": chunk.to_vec() } }))
                 .projection(doc! { "_id": 1 })
                 .await
                 .with_context(checking)?

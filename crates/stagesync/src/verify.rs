@@ -56,6 +56,22 @@ pub struct CollectionReport {
     pub stale_not_deleted: Vec<Drift>,
     pub deleted_but_present: Vec<Drift>,
     pub duplicate_keys: Vec<Drift>,
+    /// References (`[collections.references]`) whose document is not in staging: they keep
+    /// the production `_id` until it arrives. Listed, not counted as drift (the referenced
+    /// document may be outside the other collection's subset, or gone in production too).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unresolved_references: Vec<UnresolvedReference>,
+}
+
+/// A reference whose document is not in staging (ids only, never other values).
+#[derive(Debug, Default, Serialize)]
+pub struct UnresolvedReference {
+    pub business_key: String,
+    pub production_id: Option<String>,
+    pub field: String,
+    pub references: String,
+    /// The production `_id` referred to (masked where that collection masks `_id`).
+    pub referenced_id: Option<String>,
 }
 
 impl CollectionReport {
@@ -103,7 +119,10 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
     let mut cursor = match sample {
         Some(n) => cs
             .source
-            .aggregate(vec![doc! { "$sample": { "size": n as i64 } }])
+            .aggregate(vec![
+                doc! { "$match": rules.in_subset(doc! {}) },
+                doc! { "$sample": { "size": n as i64 } },
+            ])
             .await
             .with_context(reading_prod)?,
         None => {
@@ -112,7 +131,7 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
                 .batch_size(CHUNK as u32)
                 .build();
             cs.source
-                .find(doc! {})
+                .find(rules.in_subset(doc! {}))
                 .with_options(options)
                 .await
                 .with_context(reading_prod)?
@@ -150,7 +169,7 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
     // masked (8 bytes per production document); those not found are read again at the end.
     let masked_ids = if cs.masker.masks_id() && rules.deletes != DeleteMode::Ignore {
         Some(
-            ids::masked_id_set(&cs.source, &cs.masker)
+            ids::masked_id_set(&cs.source, &cs.masker, rules.filter.as_ref())
                 .await
                 .with_context(reading_prod)?,
         )
@@ -174,7 +193,7 @@ pub async fn verify_collection(cs: &Pipeline, sample: Option<u64>) -> Result<Col
             .iter()
             .filter_map(|d| d.masked_production_id.clone())
             .collect();
-        let found = ids::find_raw_ids(&cs.source, &cs.masker, &suspects)
+        let found = ids::find_raw_ids(&cs.source, &cs.masker, &suspects, rules.filter.as_ref())
             .await
             .with_context(reading_prod)?;
         report.stale_not_deleted.retain(|d| {
@@ -334,7 +353,25 @@ async fn compare_production_chunk(
 ) -> Result<()> {
     let rules = &cs.rules;
     let existing = cs.fetch_existing(changes).await?;
-    let changes = &*mask_moved_values(rules, &cs.masker, changes, &existing);
+    let changes = mask_moved_values(rules, &cs.masker, changes, &existing);
+    // References as the sync writes them (rewritten to staging `_id`s).
+    let (changes, unresolved) = cs.references.remap(changes).await?;
+    let changes = &*changes;
+    for u in unresolved {
+        let c = &changes[u.change];
+        report.unresolved_references.push(UnresolvedReference {
+            business_key: c
+                .doc
+                .as_ref()
+                .and_then(|d| rules.key_of(d).ok())
+                .map(|k| k.describe(&rules.business_key))
+                .unwrap_or_else(|| "-".into()),
+            production_id: id_text(Some(&c.prod_id)),
+            field: u.path,
+            references: u.referenced,
+            referenced_id: id_text(Some(&u.value)),
+        });
+    }
     let by_id: HashMap<Vec<u8>, Document> = existing
         .iter()
         .filter_map(|d| Some((canonical(d.get("_id")?), d.clone())))
@@ -428,7 +465,7 @@ async fn compare_staging_chunk(
             .collect(),
         None => cs
             .source
-            .find(doc! { "_id": { "$in": ids } })
+            .find(rules.in_subset(doc! { "_id": { "$in": ids } }))
             .projection(doc! { "_id": 1 })
             .await
             .with_context(|| format!("reading production.{}", cs.name))?

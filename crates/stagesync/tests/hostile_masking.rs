@@ -795,6 +795,7 @@ async fn a_resumed_snapshot_finds_its_place_by_the_masked_id() {
             stagesync::source::scan::read_documents(
                 pipeline.source.clone(),
                 pipeline.masker.clone(),
+                None,
                 time,
                 last,
                 100,

@@ -87,6 +87,7 @@ pub async fn check(ctx: &Context) -> CheckOutcome {
                 &crate::source::stream::StartAt::Now,
                 std::time::Duration::from_millis(100),
                 1,
+                pipeline.rules.filter.as_ref(),
             )
             .await
             {
@@ -218,6 +219,23 @@ pub fn verify(report: &Report) {
     }
     println!("(deleted* = soft-deleted in staging although production still has the document)");
     for c in &report.collections {
+        for u in c.unresolved_references.iter().take(EXAMPLES) {
+            println!(
+                "  {}: reference not in staging (kept as it is, not drift): {} field {} → {} _id {}",
+                c.collection,
+                u.business_key,
+                u.field,
+                u.references,
+                u.referenced_id.as_deref().unwrap_or("-")
+            );
+        }
+        if c.unresolved_references.len() > EXAMPLES {
+            println!(
+                "  {}: references not in staging: … and {} more (use --json for all)",
+                c.collection,
+                c.unresolved_references.len() - EXAMPLES
+            );
+        }
         let kinds: [(&str, &Vec<Drift>); 5] = [
             ("missing in staging", &c.missing),
             ("production-owned fields differ", &c.differing),

@@ -9,6 +9,7 @@
 
 mod duration;
 mod error;
+pub mod filter;
 mod mask_rule;
 mod spans;
 
@@ -77,6 +78,18 @@ pub enum OnHistoryLost {
     Fail,
 }
 
+/// The `_id` of a staging document created for a production document no staging document
+/// matches: `new_document_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NewDocumentId {
+    /// The (masked, when a rule names `_id`) production `_id`, unless a staging document
+    /// already holds it; then a fresh ObjectId.
+    #[default]
+    Production,
+    /// Always a fresh ObjectId.
+    Generate,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeleteMode {
     Soft,
@@ -128,6 +141,8 @@ pub struct SyncSettings {
     /// The lifetime of the sync lease (default 10s; at least 1s).
     #[serde(deserialize_with = "de_duration")]
     pub lease_ttl: Duration,
+    /// The `_id` of new staging documents (default "production"; collections may override it).
+    pub new_document_id: NewDocumentId,
 }
 
 impl Default for SyncSettings {
@@ -151,6 +166,7 @@ impl Default for SyncSettings {
             stall_after: Duration::from_secs(30),
             startup_timeout: Duration::from_secs(600),
             lease_ttl: Duration::from_secs(10),
+            new_document_id: NewDocumentId::Production,
         }
     }
 }
@@ -209,6 +225,15 @@ pub struct CollectionConfig {
     /// Field path → masking rule name.
     #[serde(default)]
     pub mask: BTreeMap<String, String>,
+    /// Overrides `sync.new_document_id` for this collection.
+    #[serde(default)]
+    pub new_document_id: Option<NewDocumentId>,
+    /// A MongoDB query on the production document: only the documents it matches are synced.
+    #[serde(default)]
+    pub filter: Option<toml::Table>,
+    /// Field path → the configured collection whose production `_id` it holds.
+    #[serde(default)]
+    pub references: BTreeMap<String, String>,
 }
 
 fn default_deletes() -> DeleteMode {
@@ -224,6 +249,19 @@ fn default_deleted_at_field() -> String {
 impl CollectionConfig {
     pub fn target_name(&self) -> &str {
         self.target.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The `filter` as a BSON query (checked at load time); `None` without one.
+    pub fn filter_document(&self) -> Option<mongodb::bson::Document> {
+        self.filter
+            .as_ref()
+            .filter(|t| !t.is_empty())
+            .and_then(filter::table_to_document)
+    }
+
+    /// `new_document_id` for this collection: its own setting, else `[sync]`'s.
+    pub fn new_document_id(&self, sync: &SyncSettings) -> NewDocumentId {
+        self.new_document_id.unwrap_or(sync.new_document_id)
     }
 }
 
@@ -288,6 +326,13 @@ impl<'de> Deserialize<'de> for OnHistoryLost {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use OnHistoryLost::*;
         de_keyword(d, &[("resync", Resync), ("fail", Fail)])
+    }
+}
+
+impl<'de> Deserialize<'de> for NewDocumentId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use NewDocumentId::*;
+        de_keyword(d, &[("production", Production), ("generate", Generate)])
     }
 }
 
@@ -412,11 +457,22 @@ impl Config {
         let table: toml::Table = toml::from_str(text).map_err(|e| syntax(e.message(), e.span()))?;
         let mut value = toml::Value::Table(table);
         interpolate(&mut value, &KeyPath::default(), env).map_err(|e| at_key(&lines, e))?;
-        let config: Config = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
             let path = KeyPath::from_serde(e.path());
             let (key, message) = error::explain(e.inner().message(), path, &value);
             at_key(&lines, key_error(key, message))
         })?;
+        // Filters as written: serde turns TOML date-times into strings, a filter compares dates.
+        let written = value.get("collections").and_then(toml::Value::as_array);
+        for (c, v) in config
+            .collections
+            .iter_mut()
+            .zip(written.into_iter().flatten())
+        {
+            if let Some(toml::Value::Table(f)) = v.get("filter") {
+                c.filter = Some(f.clone());
+            }
+        }
         config.validate().map_err(|e| at_key(&lines, e))?;
         Ok(config)
     }
@@ -587,6 +643,35 @@ impl Config {
                 }
                 _ => {}
             }
+            if let Some(f) = &c.filter {
+                filter::check(&at.key("filter"), f)?;
+            }
+            for (path, referenced) in &c.references {
+                let key = at.key("references").key(path);
+                check_path(key.clone(), path, false)?;
+                if path == &sync.metadata_field
+                    || path.starts_with(&format!("{}.", sync.metadata_field))
+                {
+                    return Err(key_error(
+                        key,
+                        format!("\"{path}\" is stagesync's metadata field"),
+                    ));
+                }
+                if c.business_key.iter().any(|k| path_overlaps(k, path)) {
+                    return Err(key_error(key, format!("\"{path}\" overlaps the business key; a reference remapped to a staging _id would change the key")));
+                }
+                if c.preserve.iter().any(|p| path_overlaps(p, path)) {
+                    return Err(key_error(key, format!("\"{path}\" is preserved: staging owns it, so stagesync never remaps it")));
+                }
+                if self.collection(referenced).is_none() {
+                    let names: Vec<String> = self
+                        .collections
+                        .iter()
+                        .map(|c| format!("\"{}\"", c.name))
+                        .collect();
+                    return Err(key_error(key, format!("references collection \"{referenced}\", which is not configured; configured collections: {}", names.join(", "))));
+                }
+            }
             for (path, rule) in &c.mask {
                 let key = at.key("mask").key(path);
                 // `_id` may be masked ("_id" = "hash"): it stays deterministic, so matching
@@ -619,6 +704,20 @@ impl Config {
 
     pub fn collection(&self, name: &str) -> Option<&CollectionConfig> {
         self.collections.iter().find(|c| c.name == name)
+    }
+
+    /// The masking rules of collection `c` as applied: its own, plus — for each reference to a
+    /// collection whose `_id` is masked — that collection's `_id` rule on the reference's path
+    /// (unless `c` names the path itself), so a reference holds the masked `_id` it refers to.
+    pub fn mask_rules(&self, c: &CollectionConfig) -> BTreeMap<String, String> {
+        let mut rules = c.mask.clone();
+        for (path, referenced) in &c.references {
+            let id_rule = self.collection(referenced).and_then(|r| r.mask.get("_id"));
+            if let Some(rule) = id_rule {
+                rules.entry(path.clone()).or_insert_with(|| rule.clone());
+            }
+        }
+        rules
     }
 }
 
@@ -878,7 +977,7 @@ preserve = ["qa", "experiments.*"]
             ),
             (
                 MINIMAL.replace("preserve", "delete = \"soft\"\npreserve"),
-                "config error in <text> line 11: collections[0].delete: unknown field `delete` in [[collections]]; allowed: `name`, `target`, `business_key`, `preserve`, `deletes`, `soft_delete_field`, `deleted_at_field`, `schema_version_field`, `max_schema_version`, `mask`",
+                "config error in <text> line 11: collections[0].delete: unknown field `delete` in [[collections]]; allowed: `name`, `target`, `business_key`, `preserve`, `deletes`, `soft_delete_field`, `deleted_at_field`, `schema_version_field`, `max_schema_version`, `mask`, `new_document_id`, `filter`, `references`",
             ),
             (
                 MINIMAL.replace("database = \"production\"\n", ""),
@@ -922,6 +1021,105 @@ preserve = ["qa", "experiments.*"]
         assert_eq!(e.key.as_deref(), Some("sync.batch_max_events"));
         assert_eq!(e.line, Some(13));
         assert_eq!(e.message, "expected an integer, found \"many\"");
+    }
+
+    #[test]
+    fn new_document_id_defaults_to_production_and_collections_override_it() {
+        let c = Config::parse(MINIMAL, &env).unwrap();
+        assert_eq!(c.sync.new_document_id, NewDocumentId::Production);
+        assert_eq!(
+            c.collections[0].new_document_id(&c.sync),
+            NewDocumentId::Production
+        );
+        let text = MINIMAL.replace("preserve", "new_document_id = \"generate\"\npreserve");
+        let c = Config::parse(&text, &env).unwrap();
+        assert_eq!(
+            c.collections[0].new_document_id(&c.sync),
+            NewDocumentId::Generate
+        );
+        assert_eq!(
+            refused(&with_sync("new_document_id = \"random\"")),
+            "config error in <text> line 13: sync.new_document_id: unknown value \"random\"; allowed values: \"production\", \"generate\""
+        );
+    }
+
+    #[test]
+    fn filters_parse_into_bson_and_bad_ones_name_the_key_and_line() {
+        let with_filter = |f: &str| MINIMAL.replace("preserve", &format!("filter = {f}\npreserve"));
+        let c = Config::parse(
+            &with_filter(r#"{ region = "eu", amount = { "$gte" = 100 }, "$or" = [{ vip = true }, { at = { "$gt" = 2024-01-01T00:00:00Z } }] }"#),
+            &env,
+        )
+        .unwrap();
+        let f = c.collections[0].filter_document().unwrap();
+        assert_eq!(f.get_str("region").unwrap(), "eu");
+        assert_eq!(
+            f.get_document("amount").unwrap().get_i32("$gte").unwrap(),
+            100
+        );
+        assert!(f.get_array("$or").unwrap()[1]
+            .as_document()
+            .unwrap()
+            .get_document("at")
+            .unwrap()
+            .get_datetime("$gt")
+            .is_ok());
+        let cases = [
+            (
+                r#"{ name = { "$regex" = "^a" } }"#,
+                "config error in <text> line 11: collections[0].filter.name.\"$regex\": operator `$regex` is not supported in a filter; supported: `$and`, `$or`, `$nor`, `$eq`, `$ne`, `$gt`, `$gte`, `$lt`, `$lte`, `$in`, `$nin`, `$exists`, `$not`, `$all`, `$size`, `$elemMatch`",
+            ),
+            (
+                r#"{ "$where" = "1" }"#,
+                "config error in <text> line 11: collections[0].filter.\"$where\": operator `$where` is not supported in a filter; supported: `$and`, `$or`, `$nor`, `$eq`, `$ne`, `$gt`, `$gte`, `$lt`, `$lte`, `$in`, `$nin`, `$exists`, `$not`, `$all`, `$size`, `$elemMatch`",
+            ),
+            (
+                r#"{ region = { "$in" = "eu" } }"#,
+                "config error in <text> line 11: collections[0].filter.region.\"$in\": `$in` needs an array, e.g. [\"eu\", \"us\"]",
+            ),
+            (
+                r#"{ "$or" = [] }"#,
+                "config error in <text> line 11: collections[0].filter.\"$or\": expected a non-empty array of queries, e.g. [{ region = \"eu\" }, { vip = true }]",
+            ),
+            (
+                r#"{ at = { "$gt" = 2024-01-01 } }"#,
+                "config error in <text> line 11: collections[0].filter.at.\"$gt\": 2024-01-01 has no time zone: write an instant such as 2024-01-31T00:00:00Z",
+            ),
+            (
+                r#"{ a = { "$gt" = 1, b = 2 } }"#,
+                "config error in <text> line 11: collections[0].filter.a: mixes operators (`$…`) and field names: write either { \"$gte\" = 1 } or an embedded document",
+            ),
+            (
+                r#""region = eu""#,
+                "config error in <text> line 11: collections[0].filter: expected a table, found \"region = eu\"",
+            ),
+        ];
+        for (f, expected) in cases {
+            assert_eq!(refused(&with_filter(f)), expected, "{f}");
+        }
+    }
+
+    #[test]
+    fn references_name_configured_collections_and_masked_ids_follow_them() {
+        let two = format!(
+            "{MINIMAL}[collections.references]\ncustomerId = \"customers\"\n\
+             [[collections]]\nname = \"customers\"\nbusiness_key = [\"email\"]\n\
+             [collections.mask]\n\"_id\" = \"hash\"\n[masking]\nkey = \"0123456789abcdef0123\"\n"
+        );
+        let c = Config::parse(&two, &env).unwrap();
+        assert_eq!(c.collections[0].references["customerId"], "customers");
+        // The reference is masked like the `_id` it holds.
+        assert_eq!(c.mask_rules(&c.collections[0])["customerId"], "hash");
+        assert!(c.mask_rules(&c.collections[1]).contains_key("_id"));
+        let e = refused(&two.replace("= \"customers\"\n[[", "= \"clients\"\n[["));
+        assert_eq!(e, "config error in <text> line 13: collections[0].references.customerId: references collection \"clients\", which is not configured; configured collections: \"orders\", \"customers\"");
+        let e = refused(&two.replace("customerId = ", "userEmail = "));
+        assert!(
+            e.contains("collections[0].references.userEmail") && e.contains("business key"),
+            "{e}"
+        );
+        let e = refused(&two.replace("customerId = ", "\"qa.x\" = "));
+        assert!(e.contains("is preserved"), "{e}");
     }
 
     #[test]

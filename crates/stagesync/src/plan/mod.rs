@@ -38,7 +38,7 @@ pub use overlap::Touched;
 pub use paths::{get_path, PathPatterns};
 pub use pii::{mask_moved_values, PII_FIELD};
 
-use crate::config::{CollectionConfig, Conflict, DeleteMode, SyncSettings};
+use crate::config::{CollectionConfig, Conflict, DeleteMode, NewDocumentId, SyncSettings};
 use crate::source::change::{Change, Op};
 
 /// One collection's matching and merging rules, taken from the config.
@@ -53,6 +53,10 @@ pub struct Rules {
     pub meta_field: String,
     /// `Some(field)` with last-write-wins: the staging field holding the staging edit time.
     pub staging_updated_field: Option<String>,
+    /// The `_id` of a new staging document (`new_document_id`).
+    pub new_id: NewDocumentId,
+    /// The subset of production synced (`filter`); `None`: every document.
+    pub filter: Option<crate::filter::Filter>,
 }
 
 impl Rules {
@@ -69,6 +73,16 @@ impl Rules {
                 Conflict::LastWriteWins => sync.staging_updated_field.clone(),
                 Conflict::ProductionWins => None,
             },
+            new_id: c.new_document_id(sync),
+            filter: c.filter_document().map(crate::filter::Filter::new),
+        }
+    }
+
+    /// `query` restricted to the collection's subset (`filter`), for reading production.
+    pub fn in_subset(&self, query: Document) -> Document {
+        match &self.filter {
+            Some(f) => f.and(query),
+            None => query,
         }
     }
 
@@ -90,9 +104,12 @@ impl Rules {
     }
 
     /// The first of two lookups per batch: the staging documents recorded as coming from the
-    /// batch's production `_id`s (`_sync.id $in [...]`, or `_sync.prior.id`).
+    /// batch's production `_id`s (`_sync.id $in [...]`, or `_sync.prior.id`) — and, with
+    /// `new_document_id = "production"`, those whose own `_id` is one of them (a new document
+    /// takes its production `_id` only when no staging document holds it).
     ///
-    /// Production `_id`s in `fresh` (see [`fresh_inserts`]) are not looked up.
+    /// Production `_id`s in `fresh` (see [`fresh_inserts`]) are not looked up: an `_id` staging
+    /// already holds refuses their insert, which then takes the slow path.
     pub fn id_filter(&self, changes: &[Change], fresh: &Fresh) -> Option<Document> {
         let mut seen = std::collections::HashSet::new();
         let ids: Vec<Bson> = changes
@@ -106,10 +123,24 @@ impl Rules {
         // Documents that once belonged to these `_id`s too: their `prior` records say which
         // changes of them were already applied (so replays stay no-ops).
         (!ids.is_empty()).then(|| {
-            doc! { "$or": [
-                { self.meta_path("id"): { "$in": ids.clone() } },
-                { self.meta_path("prior.id"): { "$in": ids } },
-            ] }
+            let mut branches = vec![
+                doc! { self.meta_path("id"): { "$in": ids.clone() } },
+                doc! { self.meta_path("prior.id"): { "$in": ids.clone() } },
+            ];
+            // Only a change carrying a document can create one.
+            let mut seen = std::collections::HashSet::new();
+            let creating: Vec<Bson> = changes
+                .iter()
+                .filter(|c| {
+                    let id = canonical(&c.prod_id);
+                    c.doc.is_some() && !fresh.contains(&id) && seen.insert(id)
+                })
+                .map(|c| c.prod_id.clone())
+                .collect();
+            if self.new_id == NewDocumentId::Production && !creating.is_empty() {
+                branches.push(doc! { "_id": { "$in": creating } });
+            }
+            doc! { "$or": branches }
         })
     }
 
@@ -372,6 +403,9 @@ pub struct Plan {
     /// One outcome per change of the batch, in order. `Applied` means "applied once the write
     /// that carries it succeeds".
     pub outcomes: Vec<Outcome>,
+    /// Changes that created a staging document under a fresh `_id` although
+    /// `new_document_id = "production"`: a staging document already held their production `_id`.
+    pub fresh_ids: Vec<usize>,
 }
 
 /// A staging document as the batch goes on.
@@ -463,6 +497,11 @@ struct Working<'r> {
     tentative: Vec<(usize, usize, Vec<u8>)>,
     /// Tentative moves that made another change fail (see [`Working::blame`]).
     blamed: Vec<usize>,
+    /// The staging `_id`s of every document of the batch (fetched or created): a new document
+    /// takes its production `_id` only when it is not among them.
+    staging_ids: std::collections::HashSet<Vec<u8>>,
+    /// See [`Plan::fresh_ids`].
+    fresh_ids: Vec<usize>,
 }
 
 impl<'r> Working<'r> {
@@ -478,6 +517,8 @@ impl<'r> Working<'r> {
             strict: std::collections::HashSet::new(),
             tentative: Vec::new(),
             blamed: Vec::new(),
+            staging_ids: std::collections::HashSet::new(),
+            fresh_ids: Vec::new(),
         };
         let mut seen = std::collections::HashSet::new();
         for d in existing {
@@ -489,6 +530,9 @@ impl<'r> Working<'r> {
     }
 
     fn add(&mut self, original: Option<Document>, current: Document) -> usize {
+        if let Some(id) = current.get("_id") {
+            self.staging_ids.insert(canonical(id));
+        }
         let i = self.slots.len();
         self.slots.push(Slot {
             original,
@@ -741,6 +785,20 @@ impl<'r> Working<'r> {
             .collect()
     }
 
+    /// The `_id` of a new staging document for production `_id` `prod_id` (`new_document_id`):
+    /// the production `_id` unless a staging document of the batch holds it (a staging-only
+    /// document, or one being replaced within the batch) — then, as with `"generate"`, a fresh
+    /// ObjectId (recorded in `fresh_ids`).
+    fn new_document_id(&mut self, prod_id: &Bson) -> Bson {
+        if self.rules.new_id == NewDocumentId::Production {
+            if !self.staging_ids.contains(&canonical(prod_id)) {
+                return prod_id.clone();
+            }
+            self.fresh_ids.push(self.at);
+        }
+        Bson::ObjectId(mongodb::bson::oid::ObjectId::new())
+    }
+
     fn owner(&self, i: usize) -> Option<&Bson> {
         meta_of(self.doc(i), &self.rules.meta_field).and_then(|m| m.get("id"))
     }
@@ -835,6 +893,12 @@ fn plan_pass<'r>(
 
 /// Turns the planned working state into writes (see [`Plan`]).
 fn finish_plan(rules: &Rules, w: Working, outcomes: Vec<Outcome>) -> Plan {
+    let fresh_ids: Vec<usize> = w
+        .fresh_ids
+        .iter()
+        .copied()
+        .filter(|&i| outcomes[i] == Outcome::Applied)
+        .collect();
     let slots: Vec<Slot> = w
         .slots
         .into_iter()
@@ -899,6 +963,7 @@ fn finish_plan(rules: &Rules, w: Working, outcomes: Vec<Outcome>) -> Plan {
         vacate,
         writes,
         outcomes,
+        fresh_ids,
     }
 }
 
@@ -1050,7 +1115,10 @@ fn plan_change(w: &mut Working, c: &Change, now: DateTime) -> (Outcome, Option<u
     }
     let slot = match target {
         Some(t) => t,
-        None => w.add(None, doc! { "_id": mongodb::bson::oid::ObjectId::new() }),
+        None => {
+            let id = w.new_document_id(&c.prod_id);
+            w.add(None, doc! { "_id": id })
+        }
     };
     w.update(slot, |mut staging| {
         merge_change(rules, &mut staging, prod, c);

@@ -18,6 +18,8 @@ fn rules() -> Rules {
         schema_guard: Some(("sv".into(), 3)),
         meta_field: "_sync".into(),
         staging_updated_field: None,
+        new_id: NewDocumentId::Production,
+        filter: None,
     }
 }
 
@@ -405,7 +407,11 @@ fn lookups_skip_keys_of_updates_that_keep_them() {
     );
     assert_eq!(
         r.id_filter(&changes, &Fresh::new()).unwrap(),
-        doc! { "$or": [{ "_sync.id": { "$in": [1, 2, 3] } }, { "_sync.prior.id": { "$in": [1, 2, 3] } }] }
+        doc! { "$or": [
+            { "_sync.id": { "$in": [1, 2, 3] } },
+            { "_sync.prior.id": { "$in": [1, 2, 3] } },
+            { "_id": { "$in": [1, 2, 3] } },
+        ] }
     );
 }
 
@@ -433,7 +439,12 @@ fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
     // The new documents are in neither look-up; the others are.
     assert_eq!(
         r.id_filter(&changes, &fresh).unwrap(),
-        doc! { "$or": [{ "_sync.id": { "$in": [1, 3, 4, 5] } }, { "_sync.prior.id": { "$in": [1, 3, 4, 5] } }] }
+        doc! { "$or": [
+            { "_sync.id": { "$in": [1, 3, 4, 5] } },
+            { "_sync.prior.id": { "$in": [1, 3, 4, 5] } },
+            // Staging documents holding the `_id` a new document would take.
+            { "_id": { "$in": [1, 3, 5] } },
+        ] }
     );
     let key = |e: &str| BusinessKey(vec![e.into(), 1.into()]);
     assert_eq!(
@@ -1211,7 +1222,23 @@ fn looked_up(staging: &[Document], changes: &[Change], fresh: &Fresh) -> Vec<Doc
         });
         current || prior
     };
-    let mut found: Vec<Document> = staging.iter().filter(|d| owned_by(d)).cloned().collect();
+    // With `new_document_id = "production"`: documents holding the `_id` a change carrying a
+    // document could create its document under.
+    let creating: std::collections::HashSet<Vec<u8>> = changes
+        .iter()
+        .filter(|c| c.doc.is_some())
+        .map(|c| canonical(&c.prod_id))
+        .filter(|id| !fresh.contains(id))
+        .collect();
+    let holds_id = |d: &Document| {
+        d.get("_id")
+            .is_some_and(|id| creating.contains(&canonical(id)))
+    };
+    let mut found: Vec<Document> = staging
+        .iter()
+        .filter(|d| owned_by(d) || holds_id(d))
+        .cloned()
+        .collect();
     let keys: std::collections::HashSet<Vec<u8>> = r
         .keys_to_look_up(changes, &found, fresh)
         .iter()
@@ -1256,6 +1283,15 @@ fn apply_step_refusing(staging: &mut Vec<Document>, writes: &[PlannedWrite]) -> 
                 (Some(id.clone()), Some(d))
             }
         };
+        // The `_id` index: an insert under an `_id` staging holds is refused too.
+        let id_taken = matches!(w.op, WriteOp::Insert(_))
+            && staging
+                .iter()
+                .any(|d| d.get("_id").is_some() && d.get("_id") == id.as_ref());
+        if id_taken {
+            refused.push(i);
+            continue;
+        }
         if let Some(k) = after.as_ref().and_then(key) {
             let held_by_other = holders.get(&k).is_some_and(|holder| *holder != id);
             if held_by_other || !taken.insert(k) {
@@ -1526,4 +1562,84 @@ proptest! {
     ) {
         overlap_changes_nothing(&ops, seeded, read_late, &cuts, &pauses)?;
     }
+}
+
+#[test]
+fn a_new_document_takes_its_production_id_unless_staging_holds_it() {
+    let r = rules();
+    // A staging-only document that happens to hold production `_id` 2.
+    let staging_only = doc! { "_id": 2, "email": "z", "acct": 9, "qa": "mine" };
+    let changes = vec![
+        change(
+            Op::Insert,
+            1,
+            Some(doc! { "_id": 1, "email": "a", "acct": 1 }),
+            1,
+        ),
+        change(
+            Op::Insert,
+            2,
+            Some(doc! { "_id": 2, "email": "b", "acct": 1 }),
+            2,
+        ),
+    ];
+    let plan = plan_batch(&r, &changes, vec![staging_only.clone()], DateTime::now());
+    assert_eq!(plan.outcomes, vec![Outcome::Applied, Outcome::Applied]);
+    assert_eq!(plan.fresh_ids, vec![1], "only the taken id is counted");
+    let inserted: Vec<&Document> = plan
+        .writes
+        .iter()
+        .filter_map(|w| match &w.op {
+            WriteOp::Insert(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(inserted.len(), 2, "{plan:?}");
+    let of = |email: &str| {
+        inserted
+            .iter()
+            .find(|d| d.get_str("email") == Ok(email))
+            .unwrap()
+    };
+    assert_eq!(of("a").get("_id"), Some(&Bson::Int32(1)));
+    assert!(matches!(of("b").get("_id"), Some(Bson::ObjectId(_))));
+    // The staging-only document is not written at all.
+    assert!(plan
+        .writes
+        .iter()
+        .all(|w| !matches!(&w.op, WriteOp::Update { id, .. } if *id == Bson::Int32(2))));
+
+    // "generate": always fresh, nothing counted.
+    let generate = Rules {
+        new_id: NewDocumentId::Generate,
+        ..rules()
+    };
+    let plan = plan_batch(&generate, &changes[..1], vec![], DateTime::now());
+    assert!(plan.fresh_ids.is_empty());
+    assert!(
+        matches!(&plan.writes[0].op, WriteOp::Insert(d) if matches!(d.get("_id"), Some(Bson::ObjectId(_))))
+    );
+
+    // An adopted document keeps its staging `_id`.
+    let adoptable = doc! { "_id": "s1", "email": "a", "acct": 1 };
+    let plan = plan_batch(&r, &changes[..1], vec![adoptable], DateTime::now());
+    assert!(matches!(&plan.writes[0].op, WriteOp::Update { id, .. } if *id == Bson::from("s1")));
+}
+
+#[test]
+fn the_id_lookup_includes_staging_ids_only_for_production_ids() {
+    let changes = vec![change(
+        Op::Insert,
+        1,
+        Some(doc! { "_id": 1, "email": "a", "acct": 1 }),
+        1,
+    )];
+    let f = rules().id_filter(&changes, &Fresh::new()).unwrap();
+    assert_eq!(f.get_array("$or").unwrap().len(), 3, "{f}");
+    let generate = Rules {
+        new_id: NewDocumentId::Generate,
+        ..rules()
+    };
+    let f = generate.id_filter(&changes, &Fresh::new()).unwrap();
+    assert_eq!(f.get_array("$or").unwrap().len(), 2, "{f}");
 }

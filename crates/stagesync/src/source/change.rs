@@ -142,7 +142,15 @@ pub enum Event {
 
 /// Converts and masks one change stream event. Events without the fields a document change must
 /// have (cluster time, document key) are reported as `Ignored` rather than guessed at.
-pub fn convert(ev: ChangeStreamEvent<Document>, masker: &Masker) -> Event {
+///
+/// With a `filter`, an insert, update or replace whose (raw) document is outside the subset
+/// becomes a delete of that document: it left the subset, or never was in it (then the delete
+/// finds nothing to do). See [`crate::filter`].
+pub fn convert(
+    ev: ChangeStreamEvent<Document>,
+    masker: &Masker,
+    filter: Option<&crate::filter::Filter>,
+) -> Event {
     let op = match &ev.operation_type {
         OperationType::Insert => Op::Insert,
         OperationType::Update => Op::Update,
@@ -181,6 +189,15 @@ pub fn convert(ev: ChangeStreamEvent<Document>, masker: &Masker) -> Event {
     } else {
         ev.full_document
     };
+    if let (Some(filter), Some(raw)) = (filter, doc.as_ref()) {
+        if !filter.matches(raw) {
+            return Event::Change(Box::new(Change::delete(
+                prod_id,
+                cluster_time,
+                ev.wall_time,
+            )));
+        }
+    }
     let (mut updated_fields, removed_fields) = match ev.update_description {
         Some(u) => (Some(u.updated_fields), u.removed_fields),
         None => (None, vec![]),
@@ -229,7 +246,7 @@ mod tests {
             },
         })
         .unwrap();
-        let Event::Change(c) = convert(event, &masker) else {
+        let Event::Change(c) = convert(event, &masker, None) else {
             panic!("a document change");
         };
         assert_eq!(c.prod_id, masker.mask_id(Bson::from("ann@x.com")));

@@ -14,12 +14,15 @@ use crate::error::{Result, SyncError};
 use crate::retry::{RetryPolicy, Wait};
 use crate::transform::Masker;
 
-/// Reads `source` after `last_id` in `_id` order, each document masked and stamped with
-/// `read_time`, sending batches of `batch_size` to `tx` until the end or `shutdown`. A cursor
-/// broken by an outage is reopened after the last document read.
+/// Reads `source` after `last_id` in `_id` order — only the documents `filter` matches, when
+/// given — each document masked and stamped with `read_time`, sending batches of `batch_size`
+/// to `tx` until the end or `shutdown`. A cursor broken by an outage is reopened after the
+/// last document read.
+#[allow(clippy::too_many_arguments)]
 pub async fn read_documents(
     source: Collection<Document>,
     masker: Masker,
+    filter: Option<crate::filter::Filter>,
     read_time: Timestamp,
     last_id: Option<Bson>,
     batch_size: usize,
@@ -60,15 +63,19 @@ pub async fn read_documents(
         backoff.reset();
     }
     'reopen: loop {
-        let filter = match &last_id {
+        let after = match &last_id {
             Some(id) => doc! { "_id": { "$gt": id.clone() } },
             None => doc! {},
+        };
+        let query = match &filter {
+            Some(f) => f.and(after),
+            None => after,
         };
         let options = FindOptions::builder()
             .sort(doc! { "_id": 1 })
             .batch_size(batch_size as u32)
             .build();
-        let mut cursor = match source.find(filter).with_options(options).await {
+        let mut cursor = match source.find(query).with_options(options).await {
             Ok(c) => c,
             Err(e) => {
                 let e = failed(e);

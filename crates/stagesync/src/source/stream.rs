@@ -66,17 +66,23 @@ pub struct ReaderSettings {
     pub batch_max_wait: Duration,
     /// How often an idle stream reports its newer position.
     pub idle_report: Duration,
+    /// The collection's subset (`filter`), if any.
+    pub filter: Option<crate::filter::Filter>,
 }
 
-/// Opens a change stream on `coll` with full documents looked up for updates.
+/// Opens a change stream on `coll` with full documents looked up for updates; with a
+/// `filter`, inserts outside the subset are dropped by the server ([`crate::filter`]).
 pub async fn open(
     coll: &Collection<Document>,
     start: &StartAt,
     max_await: Duration,
     batch_size: u32,
+    filter: Option<&crate::filter::Filter>,
 ) -> mongodb::error::Result<ChangeStream<ChangeStreamEvent<Document>>> {
+    let pipeline: Vec<Document> = filter.map(|f| f.stream_stage()).into_iter().collect();
     let watch = coll
         .watch()
+        .pipeline(pipeline)
         .full_document(FullDocumentType::UpdateLookup)
         .max_await_time(max_await)
         .batch_size(batch_size);
@@ -113,7 +119,7 @@ pub async fn read(
     'reopen: loop {
         let mut stream = tokio::select! {
             _ = shutdown.cancelled() => return,
-            s = open(&coll, &start, settings.batch_max_wait, settings.batch_max_events as u32) => s,
+            s = open(&coll, &start, settings.batch_max_wait, settings.batch_max_events as u32, settings.filter.as_ref()) => s,
         };
         let mut stream = match stream.as_mut() {
             Ok(_) => stream.expect("checked"),
@@ -181,7 +187,7 @@ pub async fn read(
                 Ok(Some(event)) => {
                     let token = event.id.clone();
                     let (cluster_time, wall_time) = (event.cluster_time, event.wall_time);
-                    match convert(event, &masker) {
+                    match convert(event, &masker, settings.filter.as_ref()) {
                         Event::Change(c) => {
                             if changes.is_empty() {
                                 batch_started = Instant::now();

@@ -50,11 +50,13 @@ impl RawIds {
 }
 
 /// Finds the production `_id`s whose masked form is one of `masked`: one pass over
-/// production's `_id`s (stopping once every one is found). Memory: the ids asked for.
+/// production's `_id`s (of the documents `filter` matches, when given), stopping once every
+/// one is found. Memory: the ids asked for.
 pub async fn find_raw_ids(
     source: &Collection<Document>,
     masker: &Masker,
     masked: &[Bson],
+    filter: Option<&crate::filter::Filter>,
 ) -> mongodb::error::Result<RawIds> {
     let mut wanted: HashSet<Vec<u8>> = masked.iter().map(id_bytes).collect();
     let mut found = RawIds::default();
@@ -62,7 +64,7 @@ pub async fn find_raw_ids(
         return Ok(found);
     }
     let mut cursor = source
-        .find(doc! {})
+        .find(filter.map(|f| f.query().clone()).unwrap_or_default())
         .with_options(
             FindOptions::builder()
                 .projection(doc! { "_id": 1 })
@@ -112,14 +114,16 @@ fn digest(masked: &Bson) -> u64 {
     h.finish()
 }
 
-/// Reads every production `_id` (projected) and keeps the digest of its masked form.
+/// Reads every production `_id` (projected; of the documents `filter` matches, when given)
+/// and keeps the digest of its masked form.
 pub async fn masked_id_set(
     source: &Collection<Document>,
     masker: &Masker,
+    filter: Option<&crate::filter::Filter>,
 ) -> mongodb::error::Result<MaskedIdSet> {
     let mut set = MaskedIdSet::default();
     let mut cursor = source
-        .find(doc! {})
+        .find(filter.map(|f| f.query().clone()).unwrap_or_default())
         .with_options(
             FindOptions::builder()
                 .projection(doc! { "_id": 1 })
