@@ -30,6 +30,10 @@ pub struct Checkpoint {
     pub saved_at: Option<DateTime>,
     /// Progress of an unfinished snapshot of the collection (see `snapshot`).
     pub snapshot: Option<Document>,
+    /// Saved by a run that stopped cleanly: every change up to this position was applied and
+    /// none after it, so the next run knows the changes after `cluster_time` are new to
+    /// staging (see `plan::fresh_inserts`). Any later save clears it.
+    pub exact: bool,
 }
 
 impl Checkpoint {
@@ -64,6 +68,7 @@ impl Checkpoint {
             "snapshot",
             self.snapshot.clone().map(Bson::Document),
         );
+        opt(&mut d, "exact", self.exact.then_some(Bson::Boolean(true)));
         d
     }
 
@@ -74,6 +79,7 @@ impl Checkpoint {
             wall_time: d.get_datetime("wallTime").ok().copied(),
             saved_at: d.get_datetime("savedAt").ok().copied(),
             snapshot: d.get_document("snapshot").ok().cloned(),
+            exact: d.get_bool("exact").unwrap_or(false),
         }
     }
 }

@@ -278,8 +278,9 @@ impl Pipeline {
         Some(looked_up)
     }
 
-    /// The lookup part of the plan stage: the staging documents a batch may touch, in two
-    /// set-based queries — by recorded production `_id`, then by the business keys still
+    /// The lookup part of the plan stage: the staging documents a batch may touch, in a few
+    /// set-based queries — by recorded production `_id` (current and prior owners, side by
+    /// side), by own `_id` where a new document may take it, then by the business keys still
     /// needed (see [`Rules::keys_to_look_up`]).
     pub async fn fetch_existing(&self, changes: &[Change]) -> Result<Vec<Document>> {
         self.fetch_existing_except(changes, &Fresh::new()).await
@@ -292,28 +293,29 @@ impl Pipeline {
         fresh: &Fresh,
     ) -> Result<Vec<Document>> {
         let what = || format!("looking up staging.{}", self.target);
-        let mut existing: Vec<Document> = match self.rules.id_filter(changes, fresh) {
-            Some(filter) => self
-                .staging
+        let find = |filter: Document| async move {
+            self.staging
                 .find(filter)
                 .await
                 .with_context(what)?
-                .try_collect()
+                .try_collect::<Vec<Document>>()
                 .await
-                .with_context(what)?,
+                .with_context(what)
+        };
+        let mut existing: Vec<Document> = match self.rules.owner_filters(changes, fresh) {
+            Some([owners, prior_owners]) => {
+                let (mut found, prior) = futures::try_join!(find(owners), find(prior_owners))?;
+                found.extend(prior);
+                found
+            }
             None => vec![],
         };
+        if let Some(filter) = self.rules.id_holder_filter(changes, fresh, &existing) {
+            existing.extend(find(filter).await?);
+        }
         let keys = self.rules.keys_to_look_up(changes, &existing, fresh);
         if let Some(filter) = self.rules.key_filter(&keys) {
-            let by_key: Vec<Document> = self
-                .staging
-                .find(filter)
-                .await
-                .with_context(what)?
-                .try_collect()
-                .await
-                .with_context(what)?;
-            existing.extend(by_key);
+            existing.extend(find(filter).await?);
         }
         Ok(existing)
     }
@@ -620,15 +622,37 @@ impl Pipeline {
             StartAt::Time(t) => Some(*t),
             _ => None,
         };
-        // Every change any run may already have applied happened before this moment; the
-        // inserts after it are new to staging (see `fresh_inserts`). Unknown: look everything up.
-        let replayed_until = match self.ctx.production_time().await {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::debug!(collection = %self.name, error = %e, "production's time is unknown; every change is looked up");
-                None
-            }
+        // What the position stands for, carried from one checkpoint to the next: a batch that
+        // only moves the token (the stream opening, an idle stream) keeps the cluster and wall
+        // time already known — from the checkpoint the stream starts from, or the snapshot's
+        // read time.
+        let loaded = self.ctx.checkpoints.load(&self.name).await.ok().flatten();
+        // The changes after this moment were never applied by any run; the inserts among them
+        // are new to staging (see `fresh_inserts`). A checkpoint saved at a clean stop says
+        // exactly where that is; otherwise (after a crash, a snapshot) it is production's time
+        // now, and the changes in between are looked up. Unknown: look everything up.
+        let resumes_exact =
+            matches!(start, StartAt::ResumeAfter(_)) && loaded.as_ref().is_some_and(|cp| cp.exact);
+        let replayed_until = match loaded.as_ref().and_then(|cp| cp.cluster_time) {
+            Some(t) if resumes_exact => Some(t),
+            _ => match self.ctx.production_time().await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::debug!(collection = %self.name, error = %e, "production's time is unknown; every change is looked up");
+                    None
+                }
+            },
         };
+        let mut position = match loaded {
+            Some(cp) => Checkpoint {
+                token: cp.token,
+                cluster_time: cp.cluster_time,
+                wall_time: cp.wall_time,
+                ..Checkpoint::default()
+            },
+            None => Checkpoint::default(),
+        };
+        position.cluster_time = position.cluster_time.max(start_time);
         // Two batches in flight at most: one being applied, one being read.
         let (tx, mut rx) = mpsc::channel(2);
         let reader_stop = shutdown.child_token();
@@ -642,20 +666,6 @@ impl Pipeline {
             self.ctx.metrics.clone(),
         ));
         let health = self.ctx.metrics.health().clone();
-        // What the position stands for, carried from one checkpoint to the next: a batch that
-        // only moves the token (the stream opening, an idle stream) keeps the cluster and wall
-        // time already known — from the checkpoint the stream starts from, or the snapshot's
-        // read time.
-        let mut position = match self.ctx.checkpoints.load(&self.name).await {
-            Ok(Some(cp)) => Checkpoint {
-                token: cp.token,
-                cluster_time: cp.cluster_time,
-                wall_time: cp.wall_time,
-                ..Checkpoint::default()
-            },
-            _ => Checkpoint::default(),
-        };
-        position.cluster_time = position.cluster_time.max(start_time);
         let mut pending: Option<Checkpoint> = None;
         let mut last_save = Instant::now() - sync.checkpoint_interval;
         let mut saved_once = false;
@@ -668,6 +678,8 @@ impl Pipeline {
         let mut reader_done = false;
         // What the batch written last changed, for correcting the look-ups made meanwhile.
         let mut touched: Option<Touched> = None;
+        // A batch was abandoned in flight (stopping): the position is then not exact.
+        let mut abandoned = false;
         let result = loop {
             let (batch, looked_up) = if let Some(task) = ahead.take() {
                 match task.await {
@@ -734,7 +746,10 @@ impl Pipeline {
                 match applied {
                     Ok(Some(report)) => touched = report.touched,
                     // Stopping: this batch is abandoned, its position not saved.
-                    Ok(None) => break Ok(()),
+                    Ok(None) => {
+                        abandoned = true;
+                        break Ok(());
+                    }
                     Err(e) => break Err(e),
                 }
             }
@@ -768,7 +783,26 @@ impl Pipeline {
         reader_stop.cancel();
         let _ = reader.await;
         match (pending, result) {
-            (Some(cp), Ok(())) => self.save_checkpoint(&cp, shutdown).await.map(|_| ()),
+            // A batch abandoned half-way may have written part of itself past the position.
+            (Some(cp), Ok(())) if abandoned => {
+                self.save_checkpoint(&cp, shutdown).await.map(|_| ())
+            }
+            // Stopped between batches, past every change an earlier run may have applied:
+            // everything up to the position is applied and nothing after it, which the next
+            // run can rely on (`Checkpoint::exact`).
+            (_, Ok(()))
+                if replayed_until.is_some_and(|t| {
+                    position
+                        .cluster_time
+                        .is_some_and(|p| (p.time, p.increment) >= (t.time, t.increment))
+                }) =>
+            {
+                let exact = Checkpoint {
+                    exact: true,
+                    ..position
+                };
+                self.save_checkpoint(&exact, shutdown).await.map(|_| ())
+            }
             (_, result) => result,
         }
     }
@@ -788,6 +822,7 @@ fn position_checkpoint(batch: &Batch, previous: &Checkpoint) -> Checkpoint {
         wall_time: p.wall_time.or(previous.wall_time),
         saved_at: None,
         snapshot: None,
+        exact: false,
     }
 }
 

@@ -534,3 +534,76 @@ async fn engine_ctx_save(
         .unwrap();
     ctx.checkpoints.save("orders", cp, None).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_clean_stop_marks_its_checkpoint_exact_and_the_next_run_writes_new_documents_blind() {
+    let pair = Pair::start();
+    let (_, config) = pair.config("", ORDERS);
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let staging = pair.staging().await.collection::<Document>("orders");
+    let engine = Engine::start(config.clone()).await;
+    prod.insert_one(doc! { "_id": 1, "userEmail": "a@x.org", "accountId": 1 })
+        .await
+        .unwrap();
+    staging_doc_where(&staging, key("a@x.org", 1), "synced", |_| true).await;
+    engine.stop().await.unwrap();
+    let checkpoint = |config: std::sync::Arc<stagesync::config::Config>| async move {
+        let ctx = stagesync::context::Context::connect(config).await.unwrap();
+        let cp = ctx.checkpoints.load("orders").await.unwrap().unwrap();
+        ctx.shutdown().await;
+        cp
+    };
+    assert!(
+        checkpoint(config.clone()).await.exact,
+        "a run stopped between batches says its position is exact"
+    );
+
+    // While stopped: a staging-only document to adopt, and production inserts.
+    staging
+        .insert_one(
+            doc! { "_id": "qa-1", "userEmail": "b@x.org", "accountId": 2, "qaNote": "mine" },
+        )
+        .await
+        .unwrap();
+    prod.insert_one(doc! { "_id": 2, "userEmail": "b@x.org", "accountId": 2, "total": 5 })
+        .await
+        .unwrap();
+    prod.insert_one(doc! { "_id": 3, "userEmail": "c@x.org", "accountId": 3 })
+        .await
+        .unwrap();
+
+    let again = Engine::start(config.clone()).await;
+    let adopted = staging_doc_where(&staging, key("b@x.org", 2), "adopted", |d| {
+        d.get_i32("total") == Ok(5)
+    })
+    .await;
+    assert_eq!(adopted.get_str("_id").unwrap(), "qa-1");
+    assert_eq!(adopted.get_str("qaNote").unwrap(), "mine");
+    staging_doc_where(&staging, key("c@x.org", 3), "inserted", |_| true).await;
+    // The inserts made while stopped were written without looking them up (the exact
+    // checkpoint says they are new); staging refused the one whose key it held, which then
+    // adopted through the slow path.
+    assert_eq!(
+        again
+            .ctx
+            .metrics
+            .insert_fallbacks
+            .with_label_values(&["orders"])
+            .get(),
+        1
+    );
+    // The running stream's checkpoints are not exact (a crash now would leave changes applied
+    // past them).
+    let cfg = config.clone();
+    eventually(
+        "the opening checkpoint clears `exact`",
+        Duration::from_secs(30),
+        || {
+            let cfg = cfg.clone();
+            async move { !checkpoint(cfg).await.exact }
+        },
+    )
+    .await;
+    assert_eq!(all_docs(&staging).await.len(), 3);
+    again.stop().await.unwrap();
+}

@@ -103,14 +103,15 @@ impl Rules {
         Ok(BusinessKey(values))
     }
 
-    /// The first of two lookups per batch: the staging documents recorded as coming from the
-    /// batch's production `_id`s (`_sync.id $in [...]`, or `_sync.prior.id`) — and, with
-    /// `new_document_id = "production"`, those whose own `_id` is one of them (a new document
-    /// takes its production `_id` only when no staging document holds it).
+    /// The first look-ups of a batch: the staging documents recorded as coming from the
+    /// batch's production `_id`s (`_sync.id $in [...]`) and those that once did
+    /// (`_sync.prior.id $in [...]`: their `prior` records say which changes of them were
+    /// already applied, so replays stay no-ops) — two filters, sent as separate queries: one
+    /// `$or` of the index scans costs staging more than the scans apart.
     ///
-    /// Production `_id`s in `fresh` (see [`fresh_inserts`]) are not looked up: an `_id` staging
-    /// already holds refuses their insert, which then takes the slow path.
-    pub fn id_filter(&self, changes: &[Change], fresh: &Fresh) -> Option<Document> {
+    /// Production `_id`s in `fresh` (see [`fresh_inserts`]) are not looked up: an `_id` or key
+    /// staging already holds refuses their insert, which then takes the slow path.
+    pub fn owner_filters(&self, changes: &[Change], fresh: &Fresh) -> Option<[Document; 2]> {
         let mut seen = std::collections::HashSet::new();
         let ids: Vec<Bson> = changes
             .iter()
@@ -120,28 +121,45 @@ impl Rules {
             })
             .map(|c| c.prod_id.clone())
             .collect();
-        // Documents that once belonged to these `_id`s too: their `prior` records say which
-        // changes of them were already applied (so replays stay no-ops).
         (!ids.is_empty()).then(|| {
-            let mut branches = vec![
+            [
                 doc! { self.meta_path("id"): { "$in": ids.clone() } },
-                doc! { self.meta_path("prior.id"): { "$in": ids.clone() } },
-            ];
-            // Only a change carrying a document can create one.
-            let mut seen = std::collections::HashSet::new();
-            let creating: Vec<Bson> = changes
-                .iter()
-                .filter(|c| {
-                    let id = canonical(&c.prod_id);
-                    c.doc.is_some() && !fresh.contains(&id) && seen.insert(id)
-                })
-                .map(|c| c.prod_id.clone())
-                .collect();
-            if self.new_id == NewDocumentId::Production && !creating.is_empty() {
-                branches.push(doc! { "_id": { "$in": creating } });
-            }
-            doc! { "$or": branches }
+                doc! { self.meta_path("prior.id"): { "$in": ids } },
+            ]
         })
+    }
+
+    /// With `new_document_id = "production"`, the staging documents whose own `_id` a new
+    /// document of the batch could take (it takes its production `_id` only when no staging
+    /// document holds it): the production `_id`s of changes carrying a document, except new
+    /// ones (`fresh`) and those whose own staging document — found by
+    /// [`Rules::owner_filters`] — already holds that `_id` (no other document can).
+    pub fn id_holder_filter(
+        &self,
+        changes: &[Change],
+        fresh: &Fresh,
+        found: &[Document],
+    ) -> Option<Document> {
+        if self.new_id != NewDocumentId::Production {
+            return None;
+        }
+        let settled: std::collections::HashSet<Vec<u8>> = found
+            .iter()
+            .filter_map(|d| {
+                let id = d.get("_id")?;
+                (meta_of(d, &self.meta_field)?.get("id")? == id).then(|| canonical(id))
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        let creating: Vec<Bson> = changes
+            .iter()
+            .filter(|c| {
+                let id = canonical(&c.prod_id);
+                c.doc.is_some() && !fresh.contains(&id) && !settled.contains(&id) && seen.insert(id)
+            })
+            .map(|c| c.prod_id.clone())
+            .collect();
+        (!creating.is_empty()).then(|| doc! { "_id": { "$in": creating } })
     }
 
     /// The business keys the batch needs looked up, given the documents found by `_id`: every
@@ -815,7 +833,8 @@ fn ts_key(t: Timestamp) -> (u32, u32) {
 
 /// Plans one batch of one collection.
 ///
-/// `existing` holds the staging documents found by [`Rules::id_filter`] and
+/// `existing` holds the staging documents found by [`Rules::owner_filters`],
+/// [`Rules::id_holder_filter`] and
 /// [`Rules::key_filter`] (duplicates are fine); `now` stands in for
 /// a delete's wall time when production did not send one.
 ///

@@ -406,12 +406,17 @@ fn lookups_skip_keys_of_updates_that_keep_them() {
         doc! { "email": { "$in": ["b", "c"] }, "acct": { "$in": [1, 2] } }
     );
     assert_eq!(
-        r.id_filter(&changes, &Fresh::new()).unwrap(),
-        doc! { "$or": [
-            { "_sync.id": { "$in": [1, 2, 3] } },
-            { "_sync.prior.id": { "$in": [1, 2, 3] } },
-            { "_id": { "$in": [1, 2, 3] } },
-        ] }
+        r.owner_filters(&changes, &Fresh::new()).unwrap(),
+        [
+            doc! { "_sync.id": { "$in": [1, 2, 3] } },
+            doc! { "_sync.prior.id": { "$in": [1, 2, 3] } },
+        ]
+    );
+    // Production `_id` 1's document holds `_id` 1 itself: no other document can.
+    let own = doc! { "_id": 1, "email": "a", "acct": 1, "_sync": { "id": 1 } };
+    assert_eq!(
+        r.id_holder_filter(&changes, &Fresh::new(), &[found[0].clone(), own]),
+        Some(doc! { "_id": { "$in": [2, 3] } })
     );
 }
 
@@ -438,13 +443,16 @@ fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
     assert!(fresh_inserts(&r, &changes, None).is_empty());
     // The new documents are in neither look-up; the others are.
     assert_eq!(
-        r.id_filter(&changes, &fresh).unwrap(),
-        doc! { "$or": [
-            { "_sync.id": { "$in": [1, 3, 4, 5] } },
-            { "_sync.prior.id": { "$in": [1, 3, 4, 5] } },
-            // Staging documents holding the `_id` a new document would take.
-            { "_id": { "$in": [1, 3, 5] } },
-        ] }
+        r.owner_filters(&changes, &fresh).unwrap(),
+        [
+            doc! { "_sync.id": { "$in": [1, 3, 4, 5] } },
+            doc! { "_sync.prior.id": { "$in": [1, 3, 4, 5] } },
+        ]
+    );
+    // Staging documents holding the `_id` a new document would take.
+    assert_eq!(
+        r.id_holder_filter(&changes, &fresh, &[]),
+        Some(doc! { "_id": { "$in": [1, 3, 5] } })
     );
     let key = |e: &str| BusinessKey(vec![e.into(), 1.into()]);
     assert_eq!(
@@ -454,7 +462,8 @@ fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
     // A batch of nothing but new documents needs no look-up at all.
     let all_new = vec![change(Op::Insert, 9, d(9, "z"), 6)];
     let fresh = fresh_inserts(&r, &all_new, Some(ts(5)));
-    assert!(r.id_filter(&all_new, &fresh).is_none());
+    assert!(r.owner_filters(&all_new, &fresh).is_none());
+    assert!(r.id_holder_filter(&all_new, &fresh, &[]).is_none());
     assert!(r.keys_to_look_up(&all_new, &[], &fresh).is_empty());
 }
 
@@ -1230,15 +1239,21 @@ fn looked_up(staging: &[Document], changes: &[Change], fresh: &Fresh) -> Vec<Doc
         .map(|c| canonical(&c.prod_id))
         .filter(|id| !fresh.contains(id))
         .collect();
+    let mut found: Vec<Document> = staging.iter().filter(|d| owned_by(d)).cloned().collect();
+    // Except where the document found for a production `_id` holds that `_id` itself.
+    let settled: std::collections::HashSet<Vec<u8>> = found
+        .iter()
+        .filter_map(|d| {
+            let id = d.get("_id")?;
+            (meta_of(d, "_sync")?.get("id")? == id).then(|| canonical(id))
+        })
+        .collect();
     let holds_id = |d: &Document| {
         d.get("_id")
-            .is_some_and(|id| creating.contains(&canonical(id)))
+            .map(canonical)
+            .is_some_and(|id| creating.contains(&id) && !settled.contains(&id))
     };
-    let mut found: Vec<Document> = staging
-        .iter()
-        .filter(|d| owned_by(d) || holds_id(d))
-        .cloned()
-        .collect();
+    found.extend(staging.iter().filter(|d| holds_id(d)).cloned());
     let keys: std::collections::HashSet<Vec<u8>> = r
         .keys_to_look_up(changes, &found, fresh)
         .iter()
@@ -1634,12 +1649,16 @@ fn the_id_lookup_includes_staging_ids_only_for_production_ids() {
         Some(doc! { "_id": 1, "email": "a", "acct": 1 }),
         1,
     )];
-    let f = rules().id_filter(&changes, &Fresh::new()).unwrap();
-    assert_eq!(f.get_array("$or").unwrap().len(), 3, "{f}");
+    assert_eq!(
+        rules().id_holder_filter(&changes, &Fresh::new(), &[]),
+        Some(doc! { "_id": { "$in": [1] } })
+    );
     let generate = Rules {
         new_id: NewDocumentId::Generate,
         ..rules()
     };
-    let f = generate.id_filter(&changes, &Fresh::new()).unwrap();
-    assert_eq!(f.get_array("$or").unwrap().len(), 2, "{f}");
+    assert_eq!(
+        generate.id_holder_filter(&changes, &Fresh::new(), &[]),
+        None
+    );
 }
