@@ -342,10 +342,10 @@ impl Pipeline {
         let (changes, unresolved) = self.references.remap(changes).await?;
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
         let names = crate::apply::LiteralNames::collect(&existing, &changes);
-        let read = existing.clone();
-        let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
         // Recorded before anything is sent: a write that fails half-way has still touched.
-        touched.record(&self.rules, &changes, &read, &plan);
+        touched.record_read(&self.rules, &changes, &existing);
+        let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
+        touched.record_writes(&plan);
         self.references.before_writes(&plan, &unresolved).await?;
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.

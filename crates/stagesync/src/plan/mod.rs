@@ -289,14 +289,17 @@ pub struct BusinessKey(pub Vec<Bson>);
 impl BusinessKey {
     /// A byte string equal for equal keys (BSON of the values), usable as a map key.
     pub fn canonical(&self) -> Vec<u8> {
-        let d: Document = self
-            .0
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (i.to_string(), v.clone()))
-            .collect();
         let mut out = vec![b'k'];
-        out.extend(mongodb::bson::to_vec(&d).unwrap_or_default());
+        if !encode_fields(&mut out, self.0.iter().enumerate()) {
+            let d: Document = self
+                .0
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i.to_string(), v.clone()))
+                .collect();
+            out.truncate(1);
+            out.extend(mongodb::bson::to_vec(&d).unwrap_or_default());
+        }
         out
     }
 
@@ -327,11 +330,75 @@ fn short(v: &Bson) -> String {
     }
 }
 
-/// A byte string equal for equal BSON values (used to index `_id`s).
+/// A byte string equal for equal BSON values (used to index `_id`s): the BSON of `{"v": v}`.
 pub fn canonical(v: &Bson) -> Vec<u8> {
     let mut out = vec![b'i'];
-    out.extend(mongodb::bson::to_vec(&doc! { "v": v.clone() }).unwrap_or_default());
+    // The common `_id` types are written directly (no clone, no serializer); see
+    // `encode_fields`.
+    if !encode_v(&mut out, v) {
+        out.truncate(1);
+        out.extend(mongodb::bson::to_vec(&doc! { "v": v.clone() }).unwrap_or_default());
+    }
     out
+}
+
+/// Appends the BSON of `{"v": v}` when `v` is a string, 32/64-bit integer or ObjectId — the
+/// bytes `bson::to_vec` writes — and returns false (having appended garbage) otherwise.
+fn encode_v(out: &mut Vec<u8>, v: &Bson) -> bool {
+    encode_document(out, |out| encode_element(out, "v", v))
+}
+
+/// Appends the BSON of the document `{"0": v0, "1": v1, …}` as [`encode_v`] does.
+fn encode_fields<'a>(out: &mut Vec<u8>, values: impl Iterator<Item = (usize, &'a Bson)>) -> bool {
+    encode_document(out, |out| {
+        let mut name = String::new();
+        for (i, v) in values {
+            name.clear();
+            use std::fmt::Write;
+            let _ = write!(name, "{i}");
+            if !encode_element(out, &name, v) {
+                return false;
+            }
+        }
+        true
+    })
+}
+
+fn encode_document(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+    let start = out.len();
+    out.extend([0u8; 4]);
+    if !body(out) {
+        return false;
+    }
+    out.push(0);
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    true
+}
+
+fn encode_element(out: &mut Vec<u8>, name: &str, v: &Bson) -> bool {
+    let tag = match v {
+        Bson::String(_) => 0x02,
+        Bson::ObjectId(_) => 0x07,
+        Bson::Int32(_) => 0x10,
+        Bson::Int64(_) => 0x12,
+        _ => return false,
+    };
+    out.push(tag);
+    out.extend(name.as_bytes());
+    out.push(0);
+    match v {
+        Bson::String(s) => {
+            out.extend((s.len() as i32 + 1).to_le_bytes());
+            out.extend(s.as_bytes());
+            out.push(0);
+        }
+        Bson::ObjectId(oid) => out.extend(oid.bytes()),
+        Bson::Int32(n) => out.extend(n.to_le_bytes()),
+        Bson::Int64(n) => out.extend(n.to_le_bytes()),
+        _ => unreachable!("tag checked above"),
+    }
+    true
 }
 
 /// What became of one change.

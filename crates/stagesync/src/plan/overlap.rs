@@ -45,6 +45,12 @@ impl Touched {
         existing: &[Document],
         plan: &Plan,
     ) {
+        self.record_read(rules, changes, existing);
+        self.record_writes(plan);
+    }
+
+    /// The first half of [`Touched::record`], before the plan consumes what was read.
+    pub fn record_read(&mut self, rules: &Rules, changes: &[Change], existing: &[Document]) {
         for c in changes {
             self.ids.insert(canonical(&c.prod_id));
             if let Some(k) = c.doc.as_ref().and_then(|d| rules.key_of(d).ok()) {
@@ -54,6 +60,10 @@ impl Touched {
         for d in existing {
             self.note_document(rules, d);
         }
+    }
+
+    /// The second half of [`Touched::record`]: the staging documents the plan writes.
+    pub fn record_writes(&mut self, plan: &Plan) {
         for w in plan.vacate.iter().chain(&plan.writes) {
             let id = match &w.op {
                 WriteOp::Insert(d) => d.get("_id"),

@@ -421,6 +421,37 @@ fn lookups_skip_keys_of_updates_that_keep_them() {
 }
 
 #[test]
+fn canonical_forms_are_the_bson_of_the_value() {
+    let values = [
+        Bson::from("ann@x.org"),
+        Bson::from(""),
+        Bson::from("nul\0inside"),
+        Bson::Int32(-7),
+        Bson::Int64(1 << 40),
+        Bson::ObjectId(mongodb::bson::oid::ObjectId::new()),
+        Bson::Double(1.5),
+        Bson::Document(doc! { "a": 1 }),
+        Bson::Null,
+    ];
+    for v in &values {
+        let mut slow = vec![b'i'];
+        slow.extend(mongodb::bson::to_vec(&doc! { "v": v.clone() }).unwrap());
+        assert_eq!(canonical(v), slow, "{v:?}");
+    }
+    for pair in values.windows(2) {
+        let key = BusinessKey(pair.to_vec());
+        let d: Document = pair
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i.to_string(), v.clone()))
+            .collect();
+        let mut slow = vec![b'k'];
+        slow.extend(mongodb::bson::to_vec(&d).unwrap());
+        assert_eq!(key.canonical(), slow, "{pair:?}");
+    }
+}
+
+#[test]
 fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
     let r = rules();
     let d = |id: i32, email: &str| Some(doc! { "_id": id, "email": email, "acct": 1 });
