@@ -3,12 +3,16 @@
 //!
 //! 1. Read production's operation time `T` *before* copying.
 //! 2. Copy every document in `_id` order through the same path as live changes (masking,
-//!    business-key adoption, merge, metadata), each stamped with `T`. Progress (last `_id`) is
+//!    business-key adoption, merge, metadata), each batch stamped with the production time it
+//!    was read at (`S ≥ T`, see [`scan::read_documents`]). Progress (last `_id`) is
 //!    checkpointed, so a killed snapshot continues where it stopped.
 //! 3. Soft-delete staging documents that came from production but whose source is gone
 //!    (unless `--no-prune`); staging-only documents are never touched.
-//! 4. The change stream starts *at* `T`: a change made during the copy is applied — possibly on
-//!    top of a copy that already had it, which the order rule makes harmless — and never missed.
+//! 4. The change stream starts *at* `T`, so no change made during the copy is missed: one the
+//!    copy of its document already reflects (made before `S`) is skipped by the order rule, one
+//!    made after it is applied. A snapshot continued after a restart reads the rest of the
+//!    collection much later than `T`; the stamps keep the stream's replay of everything since
+//!    `T` from applying old changes on top of those newer copies.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -148,7 +152,8 @@ async fn save_progress(
 
 /// Deletes (per `deletes`) the staging documents from production whose source no longer exists
 /// (or, with a `filter`, no longer belongs to the subset).
-/// Candidates are documents the copy did not stamp (`ts` older than the read time) and not
+/// Candidates are documents the copy did not stamp (`ts` older than the read time; every copy
+/// is stamped at or after it) and not
 /// soft-deleted yet; each is checked against production before anything is written.
 async fn prune_stale(
     cs: &Pipeline,

@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    all_docs, eventually, find_by, staging_doc_where, Engine, Pair, RedisServer, RunProcess, ORDERS,
+    all_docs, change_times, eventually, find_by, staging_doc_where, wait_until_stream_passes,
+    Engine, Pair, RedisServer, RunProcess, ORDERS,
 };
 use mongodb::bson::{doc, Bson, Document};
 use stagesync::checkpoint::Checkpoint;
@@ -505,6 +506,26 @@ async fn kill_9_part_way_through_50000_changes_loses_and_duplicates_nothing() {
     staging.insert_many(seeded).await.unwrap();
 
     let mut run = RunProcess::start(&path, pair.dir.path(), &[]);
+    // The burst starts once the run has fixed where it starts reading (its snapshot's time, the
+    // first thing it checkpoints), so that every change of the burst reaches it as a change.
+    // Started earlier, a snapshot would copy part of the burst as it is then: documents deleted
+    // before they are copied never reach staging (no soft-deleted twin), and a seeded document
+    // is not adopted by a production document whose key already moved on — right for a
+    // snapshot, but not what this test counts.
+    eventually(
+        "the run to fix its start",
+        Duration::from_secs(120),
+        || async {
+            pair.meta()
+                .await
+                .collection::<Document>("checkpoints")
+                .find_one(doc! {})
+                .await
+                .unwrap()
+                .is_some_and(|cp| cp.contains_key("snapshot") || cp.contains_key("clusterTime"))
+        },
+    )
+    .await;
     let writer = {
         let prod = prod.clone();
         tokio::spawn(async move {
@@ -557,19 +578,22 @@ async fn kill_9_part_way_through_50000_changes_loses_and_duplicates_nothing() {
     let total = writer.await.unwrap();
     assert_eq!(total, 50_000);
     let mut run = RunProcess::start(&path, pair.dir.path(), &[]);
-    prod.insert_one(doc! { "_id": "marker", "userEmail": "marker", "accountId": 0 })
-        .await
-        .unwrap();
-    eventually(
-        "the marker after the burst",
-        Duration::from_secs(300),
-        || async {
-            !find_by(&staging, doc! { "userEmail": "marker" })
-                .await
-                .is_empty()
-        },
-    )
-    .await;
+    let marker = change_times(&prod, 1, || async {
+        prod.insert_one(doc! { "_id": "marker", "userEmail": "marker", "accountId": 0 })
+            .await
+            .unwrap();
+    })
+    .await[0];
+    // Caught up once the stream has applied the marker's change — not once the marker shows in
+    // staging: killed during its snapshot, the run continues that snapshot first, which copies
+    // the marker before the stream has replayed the burst.
+    wait_until_stream_passes(&pair.meta().await, "orders", marker).await;
+    assert_eq!(
+        find_by(&staging, doc! { "userEmail": "marker" })
+            .await
+            .len(),
+        1
+    );
     let status = run
         .terminate(Duration::from_secs(10))
         .expect("stops on SIGTERM");

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{all_docs, eventually, find_by, staging_doc_where, Engine, Pair, RunProcess, ORDERS};
+use common::{
+    all_docs, change_times, eventually, find_by, staging_doc_where, wait_until_stream_passes,
+    Engine, Pair, RunProcess, ORDERS,
+};
 use mongodb::bson::{doc, Bson, Document, Timestamp};
 
 /// `stagesync verify`: exit code and stdout (the data; diagnostics go to stderr, which must
@@ -313,5 +316,153 @@ async fn a_killed_snapshot_continues_where_it_stopped() {
             .filter(|d| d.get_document("_sync").is_err())
             .count(),
         0
+    );
+}
+
+/// The checkpoint a snapshot killed part-way leaves: its read time and the last `_id` copied.
+async fn interrupted_snapshot(
+    config: &Arc<stagesync::config::Config>,
+    read_time: Timestamp,
+    last_id: Bson,
+    copied: i64,
+) {
+    let ctx = stagesync::context::Context::connect(config.clone())
+        .await
+        .unwrap();
+    let cp = stagesync::checkpoint::Checkpoint {
+        snapshot: Some(doc! { "readTime": read_time, "lastId": last_id, "copied": copied }),
+        ..Default::default()
+    };
+    ctx.checkpoints.save("orders", &cp, None).await.unwrap();
+    ctx.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_continued_snapshot_reads_on_after_its_last_copied_id_across_id_types() {
+    let pair = Pair::start();
+    let (_, config) = pair.config("snapshot_batch_size = 2", ORDERS);
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let staging = pair.staging().await.collection::<Document>("orders");
+    let oid = mongodb::bson::oid::ObjectId::new();
+    let ids: Vec<Bson> = (0..8)
+        .map(Bson::Int32)
+        .chain([
+            Bson::Double(8.5),
+            Bson::from("a"),
+            Bson::from("b"),
+            Bson::ObjectId(oid),
+        ])
+        .collect();
+    prod.insert_many(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| doc! { "_id": id.clone(), "userEmail": format!("e{i}"), "accountId": 1 })
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let ctx = stagesync::context::Context::connect(config.clone())
+        .await
+        .unwrap();
+    // Killed after copying 0..=4 (which staging, here, never got: whatever the continued
+    // snapshot copies shows where it started).
+    interrupted_snapshot(
+        &config,
+        ctx.production_time().await.unwrap(),
+        Bson::Int32(4),
+        5,
+    )
+    .await;
+    let pipeline = ctx.pipeline(config.collection("orders").unwrap());
+    let done = stagesync::snapshot::snapshot_collection(
+        &pipeline,
+        &tokio_util::sync::CancellationToken::new(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(done.is_some(), "the snapshot finished");
+    let copied: Vec<Bson> = all_docs(&staging)
+        .await
+        .iter()
+        .map(|d| d.get_document("_sync").unwrap().get("id").unwrap().clone())
+        .collect();
+    let mut copied_sorted = copied.clone();
+    copied_sorted.sort_by_key(|b| format!("{b:?}"));
+    let mut expected = ids[5..].to_vec();
+    expected.sort_by_key(|b| format!("{b:?}"));
+    assert_eq!(
+        copied_sorted, expected,
+        "after _id 4 — numbers, strings and ObjectIds alike — and nothing before it"
+    );
+    ctx.shutdown().await;
+}
+
+/// A snapshot continued after a restart reads documents long after its start `T`, in the state
+/// production's later changes left them in; the stream then replays every change since `T`.
+/// Those changes must not be applied again on top of copies that already reflect them: an
+/// insert matched by its old business key made a second staging document for the same
+/// production document, and the insert of a document deleted since collided with the copy of
+/// the document that took its key — dead letters for changes that were in fact applied.
+#[tokio::test]
+async fn changes_a_continued_snapshot_already_copied_are_not_replayed_onto_it() {
+    let pair = Pair::start();
+    let (_, config) = pair.config("", ORDERS);
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let staging = pair.staging().await.collection::<Document>("orders");
+    let ctx = stagesync::context::Context::connect(config.clone())
+        .await
+        .unwrap();
+    // The snapshot started at `T` and was killed before copying anything…
+    interrupted_snapshot(&config, ctx.production_time().await.unwrap(), Bson::Null, 0).await;
+    ctx.shutdown().await;
+    // …and production changed before it was continued.
+    let times = change_times(&prod, 5, || async {
+        prod.insert_one(doc! { "_id": 1, "userEmail": "shared@x.org", "accountId": 1 })
+            .await
+            .unwrap();
+        prod.delete_one(doc! { "_id": 1 }).await.unwrap();
+        // Another document takes the deleted one's business key.
+        prod.insert_one(doc! { "_id": 2, "userEmail": "shared@x.org", "accountId": 1, "v": 1 })
+            .await
+            .unwrap();
+        // A document changes its business key.
+        prod.insert_one(doc! { "_id": 3, "userEmail": "old@x.org", "accountId": 1, "v": 0 })
+            .await
+            .unwrap();
+        prod.update_one(
+            doc! { "_id": 3 },
+            doc! { "$set": { "userEmail": "new@x.org", "v": 1 } },
+        )
+        .await
+        .unwrap();
+    })
+    .await;
+    let engine = Engine::start(config.clone()).await;
+    wait_until_stream_passes(&pair.meta().await, "orders", times[4]).await;
+    engine.stop().await.unwrap();
+
+    let dead = all_docs(&pair.meta().await.collection::<Document>("dead_letters")).await;
+    assert!(dead.is_empty(), "nothing dead-lettered: {dead:?}");
+    let docs = all_docs(&staging).await;
+    let summary: Vec<(Bson, String, Option<i32>)> = docs
+        .iter()
+        .map(|d| {
+            (
+                d.get_document("_sync").unwrap().get("id").unwrap().clone(),
+                d.get_str("userEmail").unwrap().to_string(),
+                d.get_i32("v").ok(),
+            )
+        })
+        .collect();
+    let mut summary = summary;
+    summary.sort_by_key(|(id, _, _)| id.as_i32());
+    assert_eq!(
+        summary,
+        vec![
+            (Bson::Int32(2), "shared@x.org".to_string(), Some(1)),
+            (Bson::Int32(3), "new@x.org".to_string(), Some(1)),
+        ],
+        "one staging document per production document, as production has it: {docs:?}"
     );
 }

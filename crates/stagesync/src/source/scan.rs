@@ -1,11 +1,12 @@
 //! Source stage, snapshot part: reads a production collection's current documents in `_id`
-//! order, masked, in batches — the input of an initial snapshot. `last_id` (where a resumed
-//! snapshot continues) is the id as staging sees it: masked when a rule names `_id`.
+//! order, masked, in batches — the input of an initial snapshot — each batch stamped with the
+//! production time it is known to reflect. `last_id` (where a resumed snapshot continues) is
+//! the id as staging sees it: masked when a rule names `_id`.
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
-use mongodb::options::FindOptions;
-use mongodb::Collection;
+use mongodb::options::Hint;
+use mongodb::{ClientSession, Collection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -15,9 +16,19 @@ use crate::retry::{RetryPolicy, Wait};
 use crate::transform::Masker;
 
 /// Reads `source` after `last_id` in `_id` order — only the documents `filter` matches, when
-/// given — each document masked and stamped with `read_time`, sending batches of `batch_size`
-/// to `tx` until the end or `shutdown`. A cursor broken by an outage is reopened after the
-/// last document read.
+/// given — each document masked, sending batches of at most `batch_size` to `tx` until the end
+/// or `shutdown`. A read broken by an outage is retried
+/// after the last document read.
+///
+/// Each batch is one query, made after reading production's operation time `S` and causally
+/// after it (a session read with `afterClusterTime: S`): its documents reflect every change up
+/// to `S` at least, and are stamped with `S` (never less than `read_time`, where the change
+/// stream takes over). So a change of a document that happened after the snapshot started but
+/// before the document was read is recognised as already applied when the stream replays it:
+/// stamped with `read_time` instead, a document read late (a long snapshot, or one continued
+/// after a restart) had such changes applied once more on top of its newer state — an insert
+/// matched by its old business key adopting or creating a second staging document, a key
+/// collision with the copy of a document that took the key since.
 #[allow(clippy::too_many_arguments)]
 pub async fn read_documents(
     source: Collection<Document>,
@@ -30,15 +41,15 @@ pub async fn read_documents(
     shutdown: CancellationToken,
 ) {
     let name = source.name().to_string();
+    let batch_size = batch_size.max(1);
     let mut last_id = last_id;
     let mut backoff = RetryPolicy::default().backoff();
-    let wall = DateTime::from_millis(i64::from(read_time.time) * 1000);
     let failed = |e: mongodb::error::Error| {
         SyncError::mongo(format!("reading production.{name} for the snapshot"), e)
     };
     // A resumed snapshot's position is a masked `_id` when a rule names `_id` (progress is
     // checkpointed as staging sees ids): find the production `_id` it stands for.
-    if let (true, Some(masked)) = (masker.masks_id(), last_id.take()) {
+    if let Some(masked) = last_id.take_if(|_| masker.masks_id()) {
         loop {
             match crate::transform::ids::resume_after_masked(&source, &masker, &masked).await {
                 Ok(Some(raw)) => last_id = Some(raw),
@@ -62,22 +73,24 @@ pub async fn read_documents(
         }
         backoff.reset();
     }
-    'reopen: loop {
-        let after = match &last_id {
-            Some(id) => doc! { "_id": { "$gt": id.clone() } },
-            None => doc! {},
-        };
-        let query = match &filter {
-            Some(f) => f.and(after),
-            None => after,
-        };
-        let options = FindOptions::builder()
-            .sort(doc! { "_id": 1 })
-            .batch_size(batch_size as u32)
-            .build();
-        let mut cursor = match source.find(query).with_options(options).await {
-            Ok(c) => c,
+    let mut session: Option<ClientSession> = None;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let read = read_batch(
+            &source,
+            &mut session,
+            filter.as_ref(),
+            last_id.as_ref(),
+            batch_size,
+        )
+        .await;
+        let (stamp, docs, more) = match read {
+            Ok(r) => r,
             Err(e) => {
+                // A new session after an outage (the old one may be tied to a dead server).
+                session = None;
                 let e = failed(e);
                 if !e.is_transient() {
                     let _ = tx.send(Err(e)).await;
@@ -87,51 +100,81 @@ pub async fn read_documents(
                 if backoff.wait(&shutdown).await != Wait::Retry {
                     return;
                 }
-                continue 'reopen;
+                continue;
             }
         };
         backoff.reset();
-        let mut batch = Vec::with_capacity(batch_size);
-        loop {
-            if shutdown.is_cancelled() {
-                return;
+        let stamp = stamp.map_or(read_time, |s| s.max(read_time));
+        let wall = DateTime::from_millis(i64::from(stamp.time) * 1000);
+        let mut batch = Vec::with_capacity(docs.len());
+        for doc in docs {
+            // The raw `_id` stays in memory only, to read on after it.
+            if let Some(raw_id) = doc.get("_id") {
+                last_id = Some(raw_id.clone());
             }
-            match cursor.try_next().await {
-                Ok(Some(doc)) => {
-                    // The raw `_id` stays in memory only, to reopen the cursor after it.
-                    let raw_id = doc.get("_id").cloned();
-                    if let Some(change) = Change::from_production(doc, &masker, read_time, wall) {
-                        last_id = raw_id;
-                        batch.push(change);
-                    }
-                    if batch.len() >= batch_size
-                        && tx.send(Ok(std::mem::take(&mut batch))).await.is_err()
-                    {
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    if !batch.is_empty() {
-                        let _ = tx.send(Ok(batch)).await;
-                    }
-                    return;
-                }
-                Err(e) => {
-                    if !batch.is_empty() && tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
-                        return;
-                    }
-                    let e = failed(e);
-                    if !e.is_transient() {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                    tracing::warn!(collection = %name, error = %e, "production cursor lost during the snapshot; reopening");
-                    if backoff.wait(&shutdown).await != Wait::Retry {
-                        return;
-                    }
-                    continue 'reopen;
-                }
-            }
+            batch.extend(Change::from_production(doc, &masker, stamp, wall));
+        }
+        if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
+            return;
+        }
+        if !more {
+            return;
         }
     }
+}
+
+/// One batch: production's operation time, then (causally after it) up to `batch_size`
+/// documents after `after` in `_id` order, and whether there may be more.
+///
+/// The read continues from `after` by index position (`min` on the `_id` index, inclusive, so
+/// the document at `after` is dropped) rather than with `{_id: {$gt: after}}`, which only
+/// matches `_id`s of the same BSON type and would skip, say, every string `_id` after an
+/// integer one.
+async fn read_batch(
+    source: &Collection<Document>,
+    session: &mut Option<ClientSession>,
+    filter: Option<&crate::filter::Filter>,
+    after: Option<&Bson>,
+    batch_size: usize,
+) -> mongodb::error::Result<(Option<Timestamp>, Vec<Document>, bool)> {
+    let session = match session {
+        Some(s) => s,
+        None => session.insert(
+            source
+                .client()
+                .start_session()
+                .causal_consistency(true)
+                .await?,
+        ),
+    };
+    // The session's operation time is the ping's: the find below waits until it reflects it.
+    source
+        .client()
+        .database(&source.namespace().db)
+        .run_command(doc! { "ping": 1 })
+        .session(&mut *session)
+        .await?;
+    let stamp = session.operation_time();
+    // One more than a batch when continuing: the first one found is the last one read.
+    let limit = batch_size + usize::from(after.is_some());
+    let query = filter.map(|f| f.query().clone()).unwrap_or_default();
+    let find = source
+        .find(query)
+        .sort(doc! { "_id": 1 })
+        .limit(limit as i64)
+        .batch_size(limit as u32);
+    let find = match after {
+        Some(id) => find
+            .hint(Hint::Keys(doc! { "_id": 1 }))
+            .min(doc! { "_id": id.clone() }),
+        None => find,
+    };
+    let mut cursor = find.session(&mut *session).await?;
+    let found: Vec<Document> = cursor.stream(&mut *session).try_collect().await?;
+    let more = found.len() >= limit;
+    let docs = found
+        .into_iter()
+        .filter(|d| after.is_none_or(|id| d.get("_id") != Some(id)))
+        .collect();
+    Ok((stamp, docs, more))
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Document};
+use mongodb::bson::{doc, Document, Timestamp};
 use mongodb::{Client, Collection, Database};
 use stagesync::config::Config;
 use stagesync_testkit::{server_binary, LocalServer};
@@ -211,6 +211,55 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Polls until the stream of collection `stream` (sync `test`) has applied and checkpointed
+/// every production change up to cluster time `at`. Seeing a document in staging is not enough
+/// to know that: a snapshot — a resumed one too — copies documents written after it started
+/// before the stream has replayed the changes made since its start.
+pub async fn wait_until_stream_passes(meta: &Database, stream: &str, at: Timestamp) {
+    let checkpoints = meta.collection::<Document>("checkpoints");
+    let id = format!("test/{stream}");
+    eventually(
+        &format!("the stream of {stream} to pass {at:?}"),
+        Duration::from_secs(300),
+        || async {
+            checkpoints
+                .find_one(doc! { "_id": &id })
+                .await
+                .unwrap()
+                .is_some_and(|cp| {
+                    !cp.contains_key("snapshot")
+                        && cp.get_timestamp("clusterTime").is_ok_and(|t| t >= at)
+                })
+        },
+    )
+    .await;
+}
+
+/// The cluster times of the next `n` changes of `coll`: run `writes`, which make them, while a
+/// change stream opened before it watches.
+pub async fn change_times<F, Fut>(
+    coll: &Collection<Document>,
+    n: usize,
+    writes: F,
+) -> Vec<Timestamp>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut watch = coll.watch().await.unwrap();
+    writes().await;
+    let mut times = Vec::with_capacity(n);
+    while times.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(60), watch.try_next())
+            .await
+            .expect("the change arrives")
+            .unwrap()
+            .expect("the stream goes on");
+        times.push(event.cluster_time.expect("a change has a cluster time"));
+    }
+    times
 }
 
 pub async fn all_docs(coll: &Collection<Document>) -> Vec<Document> {
