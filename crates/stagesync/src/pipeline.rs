@@ -680,6 +680,8 @@ impl Pipeline {
         let mut touched: Option<Touched> = None;
         // A batch was abandoned in flight (stopping): the position is then not exact.
         let mut abandoned = false;
+        // Every change up to `replayed_until` is applied (see the final save).
+        let mut past_horizon = false;
         let result = loop {
             let (batch, looked_up) = if let Some(task) = ahead.take() {
                 match task.await {
@@ -755,6 +757,8 @@ impl Pipeline {
             }
             // Applied, or an empty batch: the stream confirmed it is idle.
             health.progress(&self.name);
+            // Caught up with production at a moment after `replayed_until` was read.
+            past_horizon |= batch.position.present;
             position = position_checkpoint(&batch, &position);
             pending = Some(position.clone());
             if !saved_once || last_save.elapsed() >= sync.checkpoint_interval {
@@ -791,11 +795,12 @@ impl Pipeline {
             // everything up to the position is applied and nothing after it, which the next
             // run can rely on (`Checkpoint::exact`).
             (_, Ok(()))
-                if replayed_until.is_some_and(|t| {
-                    position
-                        .cluster_time
-                        .is_some_and(|p| (p.time, p.increment) >= (t.time, t.increment))
-                }) =>
+                if past_horizon
+                    || replayed_until.is_some_and(|t| {
+                        position
+                            .cluster_time
+                            .is_some_and(|p| (p.time, p.increment) >= (t.time, t.increment))
+                    }) =>
             {
                 let exact = Checkpoint {
                     exact: true,

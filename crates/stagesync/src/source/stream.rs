@@ -44,6 +44,9 @@ pub struct Position {
     pub token: Option<ResumeToken>,
     pub cluster_time: Option<Timestamp>,
     pub wall_time: Option<DateTime>,
+    /// The server had nothing more when the batch closed: every change made before that
+    /// moment is in this batch or an earlier one.
+    pub present: bool,
 }
 
 #[derive(Debug)]
@@ -159,6 +162,7 @@ pub async fn read(
             token: stream.resume_token(),
             cluster_time: None,
             wall_time: None,
+            present: false,
         };
         if tx
             .send(ReaderMessage::Batch(Batch {
@@ -175,6 +179,7 @@ pub async fn read(
             token: stream.resume_token(),
             cluster_time: None,
             wall_time: None,
+            present: false,
         };
         let mut batch_started = Instant::now();
         let mut last_report = Instant::now();
@@ -208,6 +213,7 @@ pub async fn read(
                                 token: Some(token.clone()),
                                 cluster_time,
                                 wall_time,
+                                present: false,
                             };
                             let batch = Batch {
                                 changes: std::mem::take(&mut changes),
@@ -224,6 +230,7 @@ pub async fn read(
                         token: Some(token),
                         cluster_time,
                         wall_time,
+                        present: false,
                     };
                 }
                 Ok(None) => {
@@ -235,6 +242,7 @@ pub async fn read(
                             position.wall_time = Some(DateTime::now());
                         }
                     }
+                    position.present = true;
                 }
                 Err(e) => {
                     if classify(&e) == ErrorKind::HistoryLost {
