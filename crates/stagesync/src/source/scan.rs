@@ -5,7 +5,6 @@
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
-use mongodb::options::Hint;
 use mongodb::{ClientSession, Collection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -126,10 +125,12 @@ pub async fn read_documents(
 /// One batch: production's operation time, then (causally after it) up to `batch_size`
 /// documents after `after` in `_id` order, and whether there may be more.
 ///
-/// The read continues from `after` by index position (`min` on the `_id` index, inclusive, so
-/// the document at `after` is dropped) rather than with `{_id: {$gt: after}}`, which only
-/// matches `_id`s of the same BSON type and would skip, say, every string `_id` after an
-/// integer one.
+/// The read continues from `after` with an index seek, `{_id: {$gt: after}}` — which only
+/// matches `_id`s of the same kind (numbers, strings, ObjectIds, …). When that kind is used
+/// up, the documents whose `_id` kinds sort after it in BSON order are read next
+/// (`{_id: {$type: [...]}}`, sorted by `_id`): a mixed-type collection is read in full, in
+/// order, and each query still starts where the last one ended. (Seeking with the `min`
+/// cursor option instead is read as a scan from the start on some servers: quadratic.)
 async fn read_batch(
     source: &Collection<Document>,
     session: &mut Option<ClientSession>,
@@ -147,7 +148,7 @@ async fn read_batch(
                 .await?,
         ),
     };
-    // The session's operation time is the ping's: the find below waits until it reflects it.
+    // The session's operation time is the ping's: the finds below wait until they reflect it.
     source
         .client()
         .database(&source.namespace().db)
@@ -155,26 +156,98 @@ async fn read_batch(
         .session(&mut *session)
         .await?;
     let stamp = session.operation_time();
-    // One more than a batch when continuing: the first one found is the last one read.
-    let limit = batch_size + usize::from(after.is_some());
-    let query = filter.map(|f| f.query().clone()).unwrap_or_default();
-    let find = source
-        .find(query)
-        .sort(doc! { "_id": 1 })
-        .limit(limit as i64)
-        .batch_size(limit as u32);
-    let find = match after {
-        Some(id) => find
-            .hint(Hint::Keys(doc! { "_id": 1 }))
-            .min(doc! { "_id": id.clone() }),
-        None => find,
+    let with_filter = |range: Document| match filter {
+        Some(f) => f.and(range),
+        None => range,
     };
-    let mut cursor = find.session(&mut *session).await?;
-    let found: Vec<Document> = cursor.stream(&mut *session).try_collect().await?;
-    let more = found.len() >= limit;
-    let docs = found
-        .into_iter()
-        .filter(|d| after.is_none_or(|id| d.get("_id") != Some(id)))
-        .collect();
-    Ok((stamp, docs, more))
+    let mut docs: Vec<Document> = Vec::new();
+    let mut ranges: Vec<Document> = match after {
+        None => vec![doc! {}],
+        Some(id) => {
+            let mut r = vec![doc! { "_id": { "$gt": id.clone() } }];
+            let later = later_id_types(id);
+            if !later.is_empty() {
+                r.push(doc! { "_id": { "$type": later } });
+            }
+            r
+        }
+    };
+    ranges.reverse();
+    while let Some(range) = ranges.pop() {
+        let want = batch_size - docs.len();
+        let mut cursor = source
+            .find(with_filter(range))
+            .sort(doc! { "_id": 1 })
+            .limit(want as i64)
+            .batch_size(want as u32)
+            .session(&mut *session)
+            .await?;
+        let found: Vec<Document> = cursor.stream(&mut *session).try_collect().await?;
+        docs.extend(found);
+        if docs.len() >= batch_size {
+            return Ok((stamp, docs, true));
+        }
+    }
+    Ok((stamp, docs, false))
+}
+
+/// The `$type` codes of the `_id` kinds that sort after `id`'s kind in BSON comparison order
+/// (MinKey, null, numbers, strings, objects, binary data, ObjectId, booleans, dates,
+/// timestamps, regular expressions, MaxKey; arrays cannot be `_id`s).
+fn later_id_types(id: &Bson) -> Vec<i32> {
+    const ORDER: [&[i32]; 12] = [
+        &[-1],             // minKey
+        &[10, 6],          // null, undefined
+        &[1, 16, 18, 19],  // double, int, long, decimal
+        &[2, 14],          // string, symbol
+        &[3],              // object
+        &[5],              // binData
+        &[7],              // objectId
+        &[8],              // bool
+        &[9],              // date
+        &[17],             // timestamp
+        &[11, 13, 15, 12], // regex, javascript, javascriptWithScope, dbPointer
+        &[127],            // maxKey
+    ];
+    let rank = match id {
+        Bson::MinKey => 0,
+        Bson::Null | Bson::Undefined => 1,
+        Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => 2,
+        Bson::String(_) | Bson::Symbol(_) => 3,
+        Bson::Document(_) | Bson::Array(_) => 4,
+        Bson::Binary(_) => 5,
+        Bson::ObjectId(_) => 6,
+        Bson::Boolean(_) => 7,
+        Bson::DateTime(_) => 8,
+        Bson::Timestamp(_) => 9,
+        Bson::RegularExpression(_)
+        | Bson::JavaScriptCode(_)
+        | Bson::JavaScriptCodeWithScope(_)
+        | Bson::DbPointer(_) => 10,
+        Bson::MaxKey => 11,
+    };
+    ORDER[rank + 1..]
+        .iter()
+        .flat_map(|g| g.iter().copied())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_id_types_follow_bson_order() {
+        assert_eq!(
+            later_id_types(&Bson::ObjectId(mongodb::bson::oid::ObjectId::new()))[..2],
+            [8, 9]
+        );
+        let after_numbers = later_id_types(&Bson::Int32(4));
+        assert_eq!(after_numbers[..2], [2, 14]);
+        assert!(
+            !after_numbers.contains(&18),
+            "the same kind (long) is read by $gt"
+        );
+        assert!(later_id_types(&Bson::MaxKey).is_empty());
+    }
 }
