@@ -72,20 +72,44 @@ pub async fn read_documents(
         }
         backoff.reset();
     }
+    // Where each batch ends: every `batch_size`-th `_id` after `last_id`, from one pass over
+    // the `_id` index. Each batch is then a bounded range, which servers answer by reading that
+    // range only; an open-ended `{_id: {$gt: x}}` with a limit is answered on some servers
+    // (secantusd-rs) by materialising everything after `x` — quadratic over a snapshot.
+    let bounds = loop {
+        match batch_bounds(&source, filter.as_ref(), last_id.as_ref(), batch_size).await {
+            Ok(b) => break b,
+            Err(e) => {
+                let e = failed(e);
+                if !e.is_transient() {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                tracing::warn!(collection = %name, error = %e, "production unavailable during the snapshot; retrying");
+                if backoff.wait(&shutdown).await != Wait::Retry {
+                    return;
+                }
+            }
+        }
+    };
+    backoff.reset();
     let mut session: Option<ClientSession> = None;
+    // The last range is open-ended: documents inserted after the pass are read too.
+    let mut ranges = bounds.into_iter().map(Some).chain([None]);
+    let mut upper = ranges.next().flatten();
     loop {
         if shutdown.is_cancelled() {
             return;
         }
-        let read = read_batch(
+        let read = read_range(
             &source,
             &mut session,
             filter.as_ref(),
             last_id.as_ref(),
-            batch_size,
+            upper.as_ref(),
         )
         .await;
-        let (stamp, docs, more) = match read {
+        let (stamp, docs) = match read {
             Ok(r) => r,
             Err(e) => {
                 // A new session after an outage (the old one may be tied to a dead server).
@@ -107,37 +131,94 @@ pub async fn read_documents(
         let wall = DateTime::from_millis(i64::from(stamp.time) * 1000);
         let mut batch = Vec::with_capacity(docs.len());
         for doc in docs {
-            // The raw `_id` stays in memory only, to read on after it.
-            if let Some(raw_id) = doc.get("_id") {
-                last_id = Some(raw_id.clone());
-            }
             batch.extend(Change::from_production(doc, &masker, stamp, wall));
         }
         if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
             return;
         }
-        if !more {
-            return;
+        match upper.take() {
+            // The range is read up to its bound (which may have been deleted meanwhile); the
+            // raw `_id` stays in memory only.
+            Some(bound) => {
+                last_id = Some(bound);
+                upper = ranges.next().flatten();
+            }
+            None => return,
         }
     }
 }
 
-/// One batch: production's operation time, then (causally after it) up to `batch_size`
-/// documents after `after` in `_id` order, and whether there may be more.
+/// Every `batch_size`-th `_id` after `after` (those `filter` matches), in `_id` order: the
+/// upper bounds of the snapshot's batches.
+async fn batch_bounds(
+    source: &Collection<Document>,
+    filter: Option<&crate::filter::Filter>,
+    after: Option<&Bson>,
+    batch_size: usize,
+) -> mongodb::error::Result<Vec<Bson>> {
+    let range = after_filter(after);
+    let query = match filter {
+        Some(f) => f.and(range),
+        None => range,
+    };
+    let mut cursor = source
+        .find(query)
+        .projection(doc! { "_id": 1 })
+        .sort(doc! { "_id": 1 })
+        .batch_size(10_000)
+        .await?;
+    let mut bounds = Vec::new();
+    let mut n = 0usize;
+    while let Some(d) = cursor.try_next().await? {
+        n += 1;
+        if n.is_multiple_of(batch_size) {
+            if let Some(id) = d.get("_id") {
+                bounds.push(id.clone());
+            }
+        }
+    }
+    Ok(bounds)
+}
+
+/// `_id` after `after` in BSON order, across kinds: `$gt` within its kind (numbers, strings,
+/// …: comparisons only match their own kind) or any kind sorting after it.
+fn after_filter(after: Option<&Bson>) -> Document {
+    match after {
+        None => doc! {},
+        Some(id) => {
+            let later = later_id_types(id);
+            if later.is_empty() {
+                doc! { "_id": { "$gt": id.clone() } }
+            } else {
+                doc! { "$or": [ { "_id": { "$gt": id.clone() } }, { "_id": { "$type": later } } ] }
+            }
+        }
+    }
+}
+
+/// `_id` up to `upto` (inclusive) in BSON order, across kinds.
+fn upto_filter(upto: &Bson) -> Document {
+    let earlier = earlier_id_types(upto);
+    if earlier.is_empty() {
+        doc! { "_id": { "$lte": upto.clone() } }
+    } else {
+        doc! { "$or": [ { "_id": { "$lte": upto.clone() } }, { "_id": { "$type": earlier } } ] }
+    }
+}
+
+/// One batch: production's operation time, then (causally after it) the documents with an
+/// `_id` after `after` and up to `upto` (to the end when `None`), in `_id` order.
 ///
-/// The read continues from `after` with an index seek, `{_id: {$gt: after}}` — which only
-/// matches `_id`s of the same kind (numbers, strings, ObjectIds, …). When that kind is used
-/// up, the documents whose `_id` kinds sort after it in BSON order are read next
-/// (`{_id: {$type: [...]}}`, sorted by `_id`): a mixed-type collection is read in full, in
-/// order, and each query still starts where the last one ended. (Seeking with the `min`
-/// cursor option instead is read as a scan from the start on some servers: quadratic.)
-async fn read_batch(
+/// Within one kind of `_id` the range is `{$gt: after, $lte: upto}`, read from the `_id` index
+/// alone; a range that spans kinds (numbers, then strings, …) is the union of the end of the
+/// first kind, the kinds between and the start of the last — rare, at most once per kind.
+async fn read_range(
     source: &Collection<Document>,
     session: &mut Option<ClientSession>,
     filter: Option<&crate::filter::Filter>,
     after: Option<&Bson>,
-    batch_size: usize,
-) -> mongodb::error::Result<(Option<Timestamp>, Vec<Document>, bool)> {
+    upto: Option<&Bson>,
+) -> mongodb::error::Result<(Option<Timestamp>, Vec<Document>)> {
     let session = match session {
         Some(s) => s,
         None => session.insert(
@@ -148,7 +229,7 @@ async fn read_batch(
                 .await?,
         ),
     };
-    // The session's operation time is the ping's: the finds below wait until they reflect it.
+    // The session's operation time is the ping's: the find below waits until it reflects it.
     source
         .client()
         .database(&source.namespace().db)
@@ -156,60 +237,61 @@ async fn read_batch(
         .session(&mut *session)
         .await?;
     let stamp = session.operation_time();
-    let with_filter = |range: Document| match filter {
+    let range = match (after, upto) {
+        (Some(a), Some(u)) if id_kind(a) == id_kind(u) => {
+            doc! { "_id": { "$gt": a.clone(), "$lte": u.clone() } }
+        }
+        (a, Some(u)) => {
+            let mut both = vec![upto_filter(u)];
+            if a.is_some() {
+                both.push(after_filter(a));
+            }
+            doc! { "$and": both }
+        }
+        (a, None) => after_filter(a),
+    };
+    let query = match filter {
         Some(f) => f.and(range),
         None => range,
     };
-    let mut docs: Vec<Document> = Vec::new();
-    let mut ranges: Vec<Document> = match after {
-        None => vec![doc! {}],
-        Some(id) => {
-            let mut r = vec![doc! { "_id": { "$gt": id.clone() } }];
-            let later = later_id_types(id);
-            if !later.is_empty() {
-                r.push(doc! { "_id": { "$type": later } });
-            }
-            r
-        }
-    };
-    ranges.reverse();
-    while let Some(range) = ranges.pop() {
-        let want = batch_size - docs.len();
-        let mut cursor = source
-            .find(with_filter(range))
-            .sort(doc! { "_id": 1 })
-            .limit(want as i64)
-            .batch_size(want as u32)
-            .session(&mut *session)
-            .await?;
-        let found: Vec<Document> = cursor.stream(&mut *session).try_collect().await?;
-        docs.extend(found);
-        if docs.len() >= batch_size {
-            return Ok((stamp, docs, true));
-        }
-    }
-    Ok((stamp, docs, false))
+    let mut cursor = source
+        .find(query)
+        .sort(doc! { "_id": 1 })
+        .session(&mut *session)
+        .await?;
+    let docs: Vec<Document> = cursor.stream(&mut *session).try_collect().await?;
+    Ok((stamp, docs))
 }
 
-/// The `$type` codes of the `_id` kinds that sort after `id`'s kind in BSON comparison order
-/// (MinKey, null, numbers, strings, objects, binary data, ObjectId, booleans, dates,
-/// timestamps, regular expressions, MaxKey; arrays cannot be `_id`s).
-fn later_id_types(id: &Bson) -> Vec<i32> {
-    const ORDER: [&[i32]; 12] = [
-        &[-1],             // minKey
-        &[10, 6],          // null, undefined
-        &[1, 16, 18, 19],  // double, int, long, decimal
-        &[2, 14],          // string, symbol
-        &[3],              // object
-        &[5],              // binData
-        &[7],              // objectId
-        &[8],              // bool
-        &[9],              // date
-        &[17],             // timestamp
-        &[11, 13, 15, 12], // regex, javascript, javascriptWithScope, dbPointer
-        &[127],            // maxKey
-    ];
-    let rank = match id {
+/// The `$type` codes of the `_id` kinds that sort before `id`'s kind in BSON order.
+fn earlier_id_types(id: &Bson) -> Vec<i32> {
+    ID_KINDS[..id_kind(id)]
+        .iter()
+        .flat_map(|g| g.iter().copied())
+        .collect()
+}
+
+/// The `$type` codes of the kinds of `_id` in BSON comparison order: MinKey, null, numbers,
+/// strings, objects, binary data, ObjectId, booleans, dates, timestamps, regular expressions
+/// (and code), MaxKey. Arrays cannot be `_id`s.
+const ID_KINDS: [&[i32]; 12] = [
+    &[-1],             // minKey
+    &[10, 6],          // null, undefined
+    &[1, 16, 18, 19],  // double, int, long, decimal
+    &[2, 14],          // string, symbol
+    &[3],              // object
+    &[5],              // binData
+    &[7],              // objectId
+    &[8],              // bool
+    &[9],              // date
+    &[17],             // timestamp
+    &[11, 13, 15, 12], // regex, javascript, javascriptWithScope, dbPointer
+    &[127],            // maxKey
+];
+
+/// The index of `id`'s kind in [`ID_KINDS`].
+fn id_kind(id: &Bson) -> usize {
+    match id {
         Bson::MinKey => 0,
         Bson::Null | Bson::Undefined => 1,
         Bson::Double(_) | Bson::Int32(_) | Bson::Int64(_) | Bson::Decimal128(_) => 2,
@@ -225,8 +307,12 @@ fn later_id_types(id: &Bson) -> Vec<i32> {
         | Bson::JavaScriptCodeWithScope(_)
         | Bson::DbPointer(_) => 10,
         Bson::MaxKey => 11,
-    };
-    ORDER[rank + 1..]
+    }
+}
+
+/// The `$type` codes of the `_id` kinds that sort after `id`'s kind in BSON order.
+fn later_id_types(id: &Bson) -> Vec<i32> {
+    ID_KINDS[id_kind(id) + 1..]
         .iter()
         .flat_map(|g| g.iter().copied())
         .collect()
@@ -249,5 +335,7 @@ mod tests {
             "the same kind (long) is read by $gt"
         );
         assert!(later_id_types(&Bson::MaxKey).is_empty());
+        assert_eq!(earlier_id_types(&Bson::from("a"))[..3], [-1, 10, 6]);
+        assert!(earlier_id_types(&Bson::MinKey).is_empty());
     }
 }
