@@ -12,33 +12,16 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{all_docs, eventually, http, Pair, RedisServer, RunProcess, ORDERS};
+use common::{
+    all_docs, eventually, http, scrape, stagesync, text, Pair, RedisServer, RunProcess, ORDERS,
+};
 use futures::StreamExt;
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::Database;
 use stagesync::config::Config;
-
-fn stagesync(args: &[&str], config: &std::path::Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stagesync"))
-        .args(args)
-        .arg("-c")
-        .arg(config)
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Polls `/readyz` until its status is `want` and its body satisfies `body_ok`; returns it.
 async fn readyz_becomes(
@@ -79,14 +62,6 @@ async fn readyz_stays_unready(port: u16, reason: &str, period: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-async fn scrape(port: u16) -> String {
-    tokio::task::spawn_blocking(move || http(port, "GET", "/metrics"))
-        .await
-        .unwrap()
-        .expect("/metrics answers")
-        .1
 }
 
 /// The sum of every `stagesync_changes_dead_lettered_total{…}` sample.

@@ -12,29 +12,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{all_docs, eventually, Engine, Pair, RunProcess, ORDERS};
+use common::{all_docs, eventually, stagesync, text, Engine, Pair, RunProcess, ORDERS};
 use mongodb::bson::{doc, Bson, Document};
-
-fn stagesync(args: &[&str], config: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stagesync"))
-        .args(args)
-        .arg("-c")
-        .arg(config)
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn write_config(pair: &Pair, name: &str, text: String) -> PathBuf {
     let path = pair.dir.path().join(name);

@@ -4,23 +4,14 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::{
-    all_docs, eventually, http, metric_value, signal, staging_doc_where, Pair, RedisServer,
-    RunProcess, ORDERS,
+    all_docs, eventually, http, metric_value, scrape, signal, stagesync, staging_doc_where, Pair,
+    RedisServer, RunProcess, ORDERS,
 };
 use mongodb::bson::{doc, Document};
-
-fn stagesync(args: &[&str], config: &std::path::Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stagesync"))
-        .args(args)
-        .arg("-c")
-        .arg(config)
-        .output()
-        .unwrap()
-}
 
 fn assert_no_panic(what: &str, out: &Output) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -45,14 +36,6 @@ async fn readyz_becomes(port: u16, want: u16, within: Duration) -> String {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-async fn scrape(port: u16) -> String {
-    tokio::task::spawn_blocking(move || http(port, "GET", "/metrics"))
-        .await
-        .unwrap()
-        .expect("/metrics answers")
-        .1
 }
 
 /// Freezes one server (SIGSTOP) while production takes writes, checks that readiness and the

@@ -435,3 +435,32 @@ pub fn signal(pid: u32, signal: &str) {
         .unwrap();
     assert!(status.success(), "kill -{signal} {pid}");
 }
+
+/// Runs the `stagesync` binary with `args` and `-c config`, to its end.
+pub fn stagesync(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stagesync"))
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+/// A command's exit code, stdout and stderr, for assertion messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The `/metrics` page of the telemetry endpoint on `port`.
+pub async fn scrape(port: u16) -> String {
+    tokio::task::spawn_blocking(move || http(port, "GET", "/metrics"))
+        .await
+        .unwrap()
+        .expect("/metrics answers")
+        .1
+}
