@@ -30,8 +30,8 @@ use crate::error::{ErrorKind, MongoContext, Result, SyncError};
 use crate::lease::Fence;
 use crate::metrics::Side;
 use crate::plan::{
-    fresh_inserts, mask_moved_values, plan_batch, Failed, Fresh, Outcome, PlannedWrite, Rules,
-    Skip, Touched, WriteOp,
+    canonical, fresh_inserts, mask_moved_values, plan_batch, unsure_fresh, Failed, Fresh, Outcome,
+    PlannedWrite, Rules, Skip, Touched, WriteOp,
 };
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
@@ -332,19 +332,37 @@ impl Pipeline {
         looked_up: Option<Vec<Document>>,
         touched: &mut Touched,
     ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>)> {
-        let existing = match looked_up {
+        let mut existing = match looked_up {
             Some(found) => found,
             None => self.fetch_existing_except(changes, fresh).await?,
         };
-        let changes = mask_moved_values(&self.rules, &self.masker, changes, &existing);
-        // References rewritten to staging `_id`s; those not resolvable yet are recorded as
-        // pending fix-ups before anything is written (`crate::references`).
-        let (changes, unresolved) = self.references.remap(changes).await?;
+        let mut fresh = Cow::Borrowed(fresh);
+        let (changes, unresolved, plan) = loop {
+            let masked = mask_moved_values(&self.rules, &self.masker, changes, &existing);
+            // References rewritten to staging `_id`s; those not resolvable yet are recorded as
+            // pending fix-ups before anything is written (`crate::references`).
+            let (masked, unresolved) = self.references.remap(masked).await?;
+            let plan = plan_batch(&self.rules, &masked, existing.clone(), DateTime::now());
+            // New documents the plan could not write blind: look them up, plan again (rare).
+            let unsure = unsure_fresh(&masked, &plan.outcomes, &fresh);
+            if unsure.is_empty() {
+                break (masked, unresolved, plan);
+            }
+            fresh.to_mut().retain(|id| !unsure.contains(id));
+            let again: Vec<Change> = changes
+                .iter()
+                .filter(|c| unsure.contains(&canonical(&c.prod_id)))
+                .cloned()
+                .collect();
+            self.ctx
+                .metrics
+                .fresh_insert_fallbacks(&self.name, again.len());
+            existing.extend(self.fetch_existing_except(&again, &fresh).await?);
+        };
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
         let names = crate::apply::LiteralNames::collect(&existing, &changes);
         // Recorded before anything is sent: a write that fails half-way has still touched.
         touched.record_read(&self.rules, &changes, &existing);
-        let plan = plan_batch(&self.rules, &changes, existing, DateTime::now());
         touched.record_writes(&plan);
         self.references.before_writes(&plan, &unresolved).await?;
         // Each write is conditional on staging's copy being older than the newest change it

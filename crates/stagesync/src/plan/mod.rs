@@ -228,16 +228,20 @@ pub type Fresh = std::collections::HashSet<Vec<u8>>;
 /// change in the batch is an insert newer than `replayed_until`, and their later changes in
 /// the batch keep the insert's business key.
 ///
-/// Such a document cannot have a staging counterpart *recorded* under its `_id`: a production
-/// `_id` is inserted once, and every change this or an earlier process may already have
-/// applied is at or before `replayed_until` (production's time when this stream was opened; a
-/// resumed stream replays from the checkpoint, and a batch retried after a failure is read
-/// before it). So the batch writes their documents without looking them up first — the
-/// look-ups are most of what a burst of inserts costs staging. What only staging can tell is
-/// checked by staging itself: an insert whose business key (or `_id`) is already held — a
-/// staging document to adopt, a soft-deleted one to revive, a collision — is refused with a
-/// duplicate key, and its changes are planned again with their look-ups (the slow path that
-/// judges adoption and collisions exactly as before).
+/// None of these changes can have been applied already: every change this or an earlier
+/// process may have applied is at or before `replayed_until` (production's time when this
+/// stream was opened; a resumed stream replays from the checkpoint, and a batch retried after
+/// a failure is read before it). And an insert is placed by its business key, not by its
+/// production `_id`, so the one staging document recorded under that `_id` — the soft-deleted
+/// twin left by an earlier production document with the same `_id` — does not change where it
+/// goes. So the batch writes their documents without looking them up first — the look-ups are
+/// most of what a burst of inserts costs staging. What only staging can tell is checked by
+/// staging itself: an insert whose business key (or `_id`) is already held — a staging
+/// document to adopt, a soft-deleted one to revive, a collision — is refused with a duplicate
+/// key, and its changes are planned again with their look-ups (the slow path that judges
+/// adoption and collisions exactly as before). An insert the plan itself does not apply (it
+/// meets a key the batch knows to be held, say) reaches no staging check, and the changes after
+/// it would miss that twin: [`unsure_fresh`] sends such `_id`s back to be looked up.
 ///
 /// The key must not move within the batch: a document inserted onto a held key and moved on
 /// would otherwise be written at its new key as a new document, where production's order
@@ -279,6 +283,31 @@ pub fn fresh_inserts(
     candidates
         .into_iter()
         .filter_map(|(id, kept)| kept.map(|_| id))
+        .collect()
+}
+
+/// The `_id`s of `fresh` (see [`fresh_inserts`]) the plan made from `outcomes` cannot write
+/// blind: one of their changes was not applied (an insert refused for a key the batch holds,
+/// a delete or update that found no document, …). Whatever made it so may also involve a
+/// staging document the batch did not look up — the soft-deleted twin of a re-used production
+/// `_id` that a later delete would have found, say — so these are looked up and the batch
+/// planned again before anything is written. Skips that do not depend on staging (an update
+/// of a document deleted before it was read, `deletes = "ignore"`) keep an `_id` fresh.
+pub fn unsure_fresh(changes: &[Change], outcomes: &[Outcome], fresh: &Fresh) -> Fresh {
+    if fresh.is_empty() {
+        return Fresh::new();
+    }
+    changes
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| {
+            !matches!(
+                o,
+                Outcome::Applied | Outcome::Skipped(Skip::NoFullDocument | Skip::DeleteIgnored)
+            )
+        })
+        .map(|(c, _)| canonical(&c.prod_id))
+        .filter(|id| fresh.contains(id))
         .collect()
 }
 

@@ -1369,9 +1369,22 @@ fn pipeline_batch(
     ahead: &mut dyn FnMut(&[Document]),
 ) -> Touched {
     let r = rules();
-    let fresh = fresh_inserts(&r, changes, replayed_until);
-    let existing = looked_up_ahead.unwrap_or_else(|| looked_up(staging, changes, &fresh));
-    let plan = plan_batch(&r, changes, existing.clone(), DateTime::from_millis(5));
+    let mut fresh = fresh_inserts(&r, changes, replayed_until);
+    let mut existing = looked_up_ahead.unwrap_or_else(|| looked_up(staging, changes, &fresh));
+    let plan = loop {
+        let plan = plan_batch(&r, changes, existing.clone(), DateTime::from_millis(5));
+        let unsure = unsure_fresh(changes, &plan.outcomes, &fresh);
+        if unsure.is_empty() {
+            break plan;
+        }
+        fresh.retain(|id| !unsure.contains(id));
+        let again: Vec<Change> = changes
+            .iter()
+            .filter(|c| unsure.contains(&canonical(&c.prod_id)))
+            .cloned()
+            .collect();
+        existing.extend(looked_up(staging, &again, &fresh));
+    };
     let mut touched = Touched::default();
     touched.record(&r, changes, &existing, &plan);
     let at = pause % (plan.writes.len() + 3);
@@ -1496,6 +1509,51 @@ fn overlap_changes_nothing(
         pauses
     );
     Ok(())
+}
+
+/// Production re-uses an `_id` after deleting its document: staging keeps the soft-deleted twin
+/// under that `_id`. A new insert of it that the plan refuses (its key is held by a live document
+/// the batch knows) reaches no staging check, so the delete after it must still find the twin —
+/// the `_id` is looked up and the batch planned again instead of being written blind.
+#[test]
+fn a_reused_id_whose_insert_the_plan_refuses_is_looked_up_for_the_changes_after_it() {
+    let fields = vec![Bson::from("email"), Bson::from("acct"), Bson::from("v")];
+    let twin = doc! { "_id": 2, "email": "e0", "acct": 1, "v": 0,
+    "_sync": { "id": 2, "ts": ts(3), "fields": fields.clone() },
+    "deleted": true, "deletedAt": DateTime::from_millis(1_000_003) };
+    let holder = doc! { "_id": 3, "email": "e2", "acct": 1, "v": 0,
+    "_sync": { "id": 3, "ts": ts(6), "fields": fields } };
+    let d = |id: i32, email: &str| Some(doc! { "_id": id, "email": email, "acct": 1, "v": 0 });
+    let batch = vec![
+        change(Op::Insert, 2, d(2, "e2"), 11),
+        change(Op::Delete, 2, None, 12),
+        change(Op::Replace, 3, d(3, "e1"), 14),
+    ];
+    let run = |replayed_until: Option<Timestamp>| {
+        let mut staging = vec![twin.clone(), holder.clone()];
+        pipeline_batch(&mut staging, &batch, replayed_until, None, 0, &mut |_| {});
+        staging
+    };
+    let blind = run(Some(ts(9)));
+    let twin_after = blind
+        .iter()
+        .find(|d| d.get("_id") == Some(&Bson::Int32(2)))
+        .expect("the twin stays");
+    assert_eq!(
+        twin_after
+            .get_document("_sync")
+            .unwrap()
+            .get_timestamp("ts")
+            .unwrap(),
+        ts(12),
+        "the delete reached the soft-deleted twin: {twin_after}"
+    );
+    assert_eq!(
+        blind.len(),
+        2,
+        "no document was created for the refused insert"
+    );
+    assert_eq!(normalized(blind), normalized(run(None)));
 }
 
 /// The property of `blind_inserts_end_where_looking_everything_up_does`.
