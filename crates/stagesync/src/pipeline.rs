@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{DateTime, Document, Timestamp};
+use mongodb::bson::{DateTime, Document};
 use mongodb::Collection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +30,8 @@ use crate::error::{ErrorKind, MongoContext, Result, SyncError};
 use crate::lease::Fence;
 use crate::metrics::Side;
 use crate::plan::{
-    canonical, fresh_inserts, mask_moved_values, plan_batch, unsure_fresh, Failed, Fresh, Outcome,
-    PlannedWrite, Rules, Skip, Touched, WriteOp,
+    canonical, fresh_inserts, mask_moved_values, plan_batch, unsure_fresh, Failed, Fresh, Novelty,
+    Outcome, PlannedWrite, Rules, Skip, Touched, WriteOp,
 };
 use crate::retry::{retry, Backoff, Gave, RetryPolicy};
 use crate::source::change::Change;
@@ -67,6 +67,9 @@ pub struct BatchReport {
     /// What the batch wrote, for the look-ups of the next batch made meanwhile (see
     /// [`Touched`]); `None` when not known exactly (the batch was retried).
     pub touched: Option<Touched>,
+    /// Changes of documents written without a look-up that took the slow path after all (staging
+    /// or the plan found their key or `_id` held; see [`fresh_inserts`]).
+    pub looked_up_again: usize,
 }
 
 /// One collection's stages and the connections they use.
@@ -155,24 +158,26 @@ impl Pipeline {
     /// in the dead-letter queue (unless replaying one). `Err` only for trouble with the whole
     /// request (the caller retries the batch: replays are no-ops thanks to the order rule).
     pub async fn apply_changes(&self, changes: &[Change], origin: Origin) -> Result<BatchReport> {
-        self.apply_batch(changes, origin, None, None).await
+        self.apply_batch(changes, origin, Novelty::Unknown, None)
+            .await
     }
 
-    /// [`Pipeline::apply_changes`] for a stream batch: inserts newer than `replayed_until`
-    /// (production's time when the stream was opened) are written without looking them up
-    /// first (see [`fresh_inserts`]); `looked_up` is the batch's look-ups when made already
+    /// [`Pipeline::apply_changes`] for a stream or snapshot batch: the documents `novelty`
+    /// says are new (a stream's inserts after production's time when it was opened, a first
+    /// snapshot's documents) are written without looking them up first (see
+    /// [`fresh_inserts`]); `looked_up` is the batch's look-ups when made already
     /// (see [`Pipeline::look_up_ahead`]).
     async fn apply_batch(
         &self,
         changes: &[Change],
         origin: Origin,
-        replayed_until: Option<Timestamp>,
+        novelty: Novelty,
         looked_up: Option<Vec<Document>>,
     ) -> Result<BatchReport> {
-        let fresh = fresh_inserts(&self.rules, changes, replayed_until);
+        let fresh = fresh_inserts(&self.rules, changes, novelty);
         let mut touched = Touched::default();
         // From here on `changes` are the ones planned: masked with staging's knowledge too.
-        let (changes, mut outcomes, duplicate_key) = self
+        let (changes, mut outcomes, duplicate_key, mut looked_up_again) = self
             .plan_and_write(changes, true, &fresh, looked_up, &mut touched)
             .await?;
         // A duplicate key error can come from two documents of the batch trading keys in
@@ -184,9 +189,10 @@ impl Pipeline {
                 self.ctx
                     .metrics
                     .fresh_insert_fallbacks(&self.name, duplicate_key.len());
+                looked_up_again += duplicate_key.len();
             }
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
-            let (_, second, _) = self
+            let (_, second, _, _) = self
                 .plan_and_write(&retry, false, &Fresh::new(), None, &mut touched)
                 .await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
@@ -237,18 +243,15 @@ impl Pipeline {
         }
         report.outcomes = outcomes;
         report.touched = Some(touched);
+        report.looked_up_again = looked_up_again;
         Ok(report)
     }
 
     /// The look-ups of a stream batch, made while the batch before it is still being written;
     /// [`Pipeline::refresh_looked_up`] then corrects them once that batch is done. `None` when
     /// they failed (the batch then looks everything up itself).
-    async fn look_up_ahead(
-        &self,
-        changes: &[Change],
-        replayed_until: Option<Timestamp>,
-    ) -> Option<Vec<Document>> {
-        let fresh = fresh_inserts(&self.rules, changes, replayed_until);
+    async fn look_up_ahead(&self, changes: &[Change], novelty: Novelty) -> Option<Vec<Document>> {
+        let fresh = fresh_inserts(&self.rules, changes, novelty);
         self.fetch_existing_except(changes, &fresh).await.ok()
     }
 
@@ -259,7 +262,7 @@ impl Pipeline {
     async fn refresh_looked_up(
         &self,
         changes: &[Change],
-        replayed_until: Option<Timestamp>,
+        novelty: Novelty,
         mut looked_up: Vec<Document>,
         before: Option<Touched>,
     ) -> Option<Vec<Document>> {
@@ -272,7 +275,7 @@ impl Pipeline {
             .collect();
         if !again.is_empty() {
             // New documents are judged on the whole batch (a later key move makes one not new).
-            let fresh = fresh_inserts(&self.rules, changes, replayed_until);
+            let fresh = fresh_inserts(&self.rules, changes, novelty);
             looked_up.extend(self.fetch_existing_except(&again, &fresh).await.ok()?);
         }
         Some(looked_up)
@@ -323,7 +326,8 @@ impl Pipeline {
     /// Returns the changes as planned (with the values staging knows to be personal masked:
     /// [`crate::plan::mask_moved_values`]), each change's outcome and, when
     /// `set_aside_duplicate_keys`, the indices whose write hit a duplicate key (left for a
-    /// second pass instead of failing them now).
+    /// second pass instead of failing them now), and how many changes of `fresh` documents the
+    /// plan sent back to be looked up ([`unsure_fresh`]).
     async fn plan_and_write<'c>(
         &self,
         changes: &'c [Change],
@@ -331,12 +335,13 @@ impl Pipeline {
         fresh: &Fresh,
         looked_up: Option<Vec<Document>>,
         touched: &mut Touched,
-    ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>)> {
+    ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>, usize)> {
         let mut existing = match looked_up {
             Some(found) => found,
             None => self.fetch_existing_except(changes, fresh).await?,
         };
         let mut fresh = Cow::Borrowed(fresh);
+        let mut looked_up_again = 0;
         let (changes, unresolved, plan) = loop {
             let masked = mask_moved_values(&self.rules, &self.masker, changes, &existing);
             // References rewritten to staging `_id`s; those not resolvable yet are recorded as
@@ -357,6 +362,7 @@ impl Pipeline {
             self.ctx
                 .metrics
                 .fresh_insert_fallbacks(&self.name, again.len());
+            looked_up_again += again.len();
             existing.extend(self.fetch_existing_except(&again, &fresh).await?);
         };
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
@@ -411,7 +417,7 @@ impl Pipeline {
         duplicate_key.sort_unstable();
         self.references.after_writes(&changes, &unresolved).await?;
         self.note_fresh_ids(&changes, &plan.fresh_ids, &outcomes, &duplicate_key);
-        Ok((changes, outcomes, duplicate_key))
+        Ok((changes, outcomes, duplicate_key, looked_up_again))
     }
 
     /// Counts (and logs, once per document: later changes find it by `_sync.id`) the new
@@ -475,7 +481,7 @@ impl Pipeline {
         &self,
         changes: &[Change],
         origin: Origin,
-        replayed_until: Option<Timestamp>,
+        novelty: Novelty,
         looked_up: Option<Vec<Document>>,
         shutdown: &CancellationToken,
     ) -> Result<Option<BatchReport>> {
@@ -487,7 +493,7 @@ impl Pipeline {
             self.check_fence()?;
             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let ahead = looked_up.lock().map(|mut l| l.take()).unwrap_or(None);
-            let apply = self.apply_batch(changes, origin, replayed_until, ahead);
+            let apply = self.apply_batch(changes, origin, novelty, ahead);
             tokio::pin!(apply);
             tokio::select! {
                 r = &mut apply => r.map(Some),
@@ -661,6 +667,7 @@ impl Pipeline {
                 }
             },
         };
+        let novelty = Novelty::inserts_after(replayed_until);
         let mut position = match loaded {
             Some(cp) => Checkpoint {
                 token: cp.token,
@@ -705,12 +712,7 @@ impl Pipeline {
                 match task.await {
                     Ok((batch, Some(found))) => {
                         let found = self
-                            .refresh_looked_up(
-                                &batch.changes,
-                                replayed_until,
-                                found,
-                                touched.take(),
-                            )
+                            .refresh_looked_up(&batch.changes, novelty, found, touched.take())
                             .await;
                         (batch, found)
                     }
@@ -742,7 +744,7 @@ impl Pipeline {
                 let apply = self.apply_with_retry(
                     &batch.changes,
                     Origin::Stream,
-                    replayed_until,
+                    novelty,
                     looked_up,
                     shutdown,
                 );
@@ -754,7 +756,7 @@ impl Pipeline {
                             Some(ReaderMessage::Batch(next)) if !next.changes.is_empty() => {
                                 let pipeline = self.clone();
                                 ahead = Some(tokio::spawn(async move {
-                                    let found = pipeline.look_up_ahead(&next.changes, replayed_until).await;
+                                    let found = pipeline.look_up_ahead(&next.changes, novelty).await;
                                     (next, found)
                                 }));
                             }

@@ -5,7 +5,9 @@
 //! 2. Copy every document in `_id` order through the same path as live changes (masking,
 //!    business-key adoption, merge, metadata), each batch stamped with the production time it
 //!    was read at (`S ≥ T`, see [`scan::read_documents`]). Progress (last `_id`) is
-//!    checkpointed, so a killed snapshot continues where it stopped.
+//!    checkpointed, so a killed snapshot continues where it stopped. A first copy into a
+//!    collection holding nothing from production writes without looking documents up first
+//!    (staging's unique indexes catch the ones to adopt: `plan::fresh_inserts`).
 //! 3. Soft-delete staging documents that came from production but whose source is gone
 //!    (unless `--no-prune`); staging-only documents are never touched.
 //! 4. The change stream starts *at* `T`, so no change made during the copy is missed: one the
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::Checkpoint;
 use crate::error::{MongoContext, Result};
 use crate::pipeline::{Origin, Pipeline};
+use crate::plan::Novelty;
 use crate::source::change::Change;
 use crate::source::scan;
 
@@ -52,6 +55,14 @@ pub async fn snapshot_collection(
     if last_id.is_some() {
         tracing::info!(collection = %cs.name, copied, "continuing an interrupted snapshot");
     }
+    // A first copy into a staging collection that holds nothing from production writes its
+    // documents without looking each one up first (see `plan::fresh_inserts`); a continued
+    // snapshot, or one into a collection synced before, looks every document up.
+    let mut novelty = if last_id.is_none() && !holds_synced_documents(cs).await {
+        Novelty::Everything
+    } else {
+        Novelty::Unknown
+    };
     save_progress(cs, read_time, &last_id, copied, shutdown).await?;
     let total = cs.source.estimated_document_count().await.unwrap_or(0);
     let progress = Progress::new(&cs.name, total, copied);
@@ -80,10 +91,17 @@ pub async fn snapshot_collection(
             }
         };
         match cs
-            .apply_with_retry(&changes, Origin::Snapshot, None, None, shutdown)
+            .apply_with_retry(&changes, Origin::Snapshot, novelty, None, shutdown)
             .await
         {
-            Ok(Some(_)) => {}
+            Ok(Some(report)) => {
+                // Most keys already held (staging restored from a dump, say): each blind insert
+                // would be refused and looked up after all, so look up first from here on.
+                if novelty == Novelty::Everything && report.looked_up_again * 2 > changes.len() {
+                    tracing::info!(collection = %cs.name, "staging already holds the business keys of most documents copied; looking every document up from here on");
+                    novelty = Novelty::Unknown;
+                }
+            }
             Ok(None) => {
                 stopped = true;
                 break;
@@ -130,6 +148,23 @@ pub async fn snapshot_collection(
     };
     cs.save_checkpoint(&handoff, shutdown).await?;
     Ok(Some(read_time))
+}
+
+/// Whether any staging document records a production `_id` (a look-up error counts as yes:
+/// looking everything up is always correct, only slower).
+async fn holds_synced_documents(cs: &Pipeline) -> bool {
+    let found = cs
+        .staging
+        .find_one(doc! { cs.rules.meta_path("id"): { "$exists": true } })
+        .projection(doc! { "_id": 1 })
+        .await;
+    match found {
+        Ok(found) => found.is_some(),
+        Err(e) => {
+            tracing::debug!(collection = %cs.name, error = %e, "could not tell whether staging holds synced documents; looking every document up");
+            true
+        }
+    }
 }
 
 async fn save_progress(
@@ -242,7 +277,7 @@ async fn prune_stale(
             continue;
         }
         match cs
-            .apply_with_retry(&gone, Origin::Snapshot, None, None, shutdown)
+            .apply_with_retry(&gone, Origin::Snapshot, Novelty::Unknown, None, shutdown)
             .await?
         {
             Some(report) => pruned += report.applied as u64,

@@ -607,3 +607,63 @@ async fn a_clean_stop_marks_its_checkpoint_exact_and_the_next_run_writes_new_doc
     assert_eq!(all_docs(&staging).await.len(), 3);
     again.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_first_snapshot_writes_new_documents_blind_and_still_adopts_by_key() {
+    let pair = Pair::start();
+    let (_, config) = pair.config("", ORDERS);
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let staging = pair.staging().await.collection::<Document>("orders");
+    for i in 0..20 {
+        prod.insert_one(
+            doc! { "_id": i, "userEmail": format!("u{i}@x.org"), "accountId": i, "total": i },
+        )
+        .await
+        .unwrap();
+    }
+    // Staging holds nothing from production yet, but a QA copy of order 3 (to adopt by its
+    // business key) and a staging-only document under production's `_id` 7.
+    staging
+        .insert_one(
+            doc! { "_id": "qa-3", "userEmail": "u3@x.org", "accountId": 3, "qaNote": "mine" },
+        )
+        .await
+        .unwrap();
+    let squatter = doc! { "_id": 7, "userEmail": "tester@x.org", "accountId": 99 };
+    staging.insert_one(squatter.clone()).await.unwrap();
+
+    // The first run copies production (initial_sync = "auto").
+    let engine = Engine::start(config.clone()).await;
+    let adopted = staging_doc_where(&staging, key("u3@x.org", 3), "adopted", |d| {
+        d.get_i32("total") == Ok(3)
+    })
+    .await;
+    assert_eq!(adopted.get_str("_id").unwrap(), "qa-3");
+    assert_eq!(adopted.get_str("qaNote").unwrap(), "mine");
+    let seven = staging_doc_where(&staging, key("u7@x.org", 7), "copied", |_| true).await;
+    assert_ne!(seven.get("_id"), Some(&Bson::Int32(7)), "{seven}");
+    assert_eq!(
+        find_by(&staging, doc! { "_id": 7 }).await,
+        vec![squatter],
+        "the staging-only document keeps its `_id` and is not touched"
+    );
+    assert_eq!(
+        find_by(&staging, doc! { "_sync.id": { "$exists": true } })
+            .await
+            .len(),
+        20
+    );
+    assert_eq!(all_docs(&staging).await.len(), 21);
+    // Every copy was written without a look-up; staging refused the two whose key or `_id` it
+    // held, which then went down the slow path.
+    assert_eq!(
+        engine
+            .ctx
+            .metrics
+            .insert_fallbacks
+            .with_label_values(&["orders"])
+            .get(),
+        2
+    );
+    engine.stop().await.unwrap();
+}

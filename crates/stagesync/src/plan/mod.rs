@@ -224,12 +224,35 @@ impl Rules {
 /// batch does not look them up (see [`fresh_inserts`]).
 pub type Fresh = std::collections::HashSet<Vec<u8>>;
 
-/// The production `_id`s of a stream batch that are inserted for the first time: their first
-/// change in the batch is an insert newer than `replayed_until`, and their later changes in
-/// the batch keep the insert's business key.
+/// What a batch knows about which of its documents are new to staging (see [`fresh_inserts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Novelty {
+    /// Nothing: every document is looked up (a replay, a prune, a snapshot continued or run
+    /// again, a stream whose starting time is unknown).
+    Unknown,
+    /// A stream opened when production's time was this: no change after it can have been
+    /// applied by any run, so its inserts after it are first-time inserts.
+    InsertsAfter(Timestamp),
+    /// The first copy into a staging collection that held no document from production when it
+    /// started: every document of it is new (a snapshot copies each production `_id` once).
+    Everything,
+}
+
+impl Novelty {
+    /// A stream's novelty: inserts after `replayed_until`, or nothing when it is not known.
+    pub fn inserts_after(replayed_until: Option<Timestamp>) -> Novelty {
+        replayed_until.map_or(Novelty::Unknown, Novelty::InsertsAfter)
+    }
+}
+
+/// The production `_id`s of a batch that are new to staging. With
+/// [`Novelty::InsertsAfter`]`(T)` (a stream), those inserted for the first time: their first
+/// change in the batch is an insert newer than `T`. With [`Novelty::Everything`] (a first
+/// snapshot), every one. In both, their later changes in the batch must keep the first one's
+/// business key.
 ///
-/// None of these changes can have been applied already: every change this or an earlier
-/// process may have applied is at or before `replayed_until` (production's time when this
+/// None of a stream's changes after `T` can have been applied already: every change this or
+/// an earlier process may have applied is at or before `T` (production's time when this
 /// stream was opened; a resumed stream replays from the checkpoint, and a batch retried after
 /// a failure is read before it). And an insert is placed by its business key, not by its
 /// production `_id`, so the one staging document recorded under that `_id` — the soft-deleted
@@ -247,15 +270,21 @@ pub type Fresh = std::collections::HashSet<Vec<u8>>;
 /// would otherwise be written at its new key as a new document, where production's order
 /// adopts the holder and moves it.
 ///
-/// `None` (a snapshot, a replay, a stream whose start time is unknown): nothing is fresh.
-pub fn fresh_inserts(
-    rules: &Rules,
-    changes: &[Change],
-    replayed_until: Option<Timestamp>,
-) -> Fresh {
-    let Some(horizon) = replayed_until else {
-        return Fresh::new();
+/// A first snapshot has no twins to miss: the staging collection held no document from
+/// production when it started, and each production `_id` is copied once. Documents staging
+/// held already (restored from a dump, say) refuse the blind inserts by key or `_id` and take
+/// the slow path as above.
+///
+/// [`Novelty::Unknown`]: nothing is fresh.
+pub fn fresh_inserts(rules: &Rules, changes: &[Change], novelty: Novelty) -> Fresh {
+    let new_from = |c: &Change| match novelty {
+        Novelty::Unknown => false,
+        Novelty::InsertsAfter(t) => c.op == Op::Insert && ts_key(c.cluster_time) > ts_key(t),
+        Novelty::Everything => c.doc.is_some(),
     };
+    if novelty == Novelty::Unknown {
+        return Fresh::new();
+    }
     let key = |c: &Change| {
         c.doc
             .as_ref()
@@ -268,8 +297,7 @@ pub fn fresh_inserts(
         let id = canonical(&c.prod_id);
         match candidates.get_mut(&id) {
             None => {
-                let first_time = c.op == Op::Insert && ts_key(c.cluster_time) > ts_key(horizon);
-                let insert_key = key(c).filter(|_| first_time);
+                let insert_key = key(c).filter(|_| new_from(c));
                 candidates.insert(id, insert_key);
             }
             Some(kept) => {

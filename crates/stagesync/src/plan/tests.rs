@@ -467,11 +467,11 @@ fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
         change(Op::Insert, 6, d(6, "f"), 13), // new, then deleted: still new
         change(Op::Delete, 6, None, 14),
     ];
-    let fresh = fresh_inserts(&r, &changes, Some(ts(5)));
+    let fresh = fresh_inserts(&r, &changes, Novelty::InsertsAfter(ts(5)));
     let ids = |ids: &[i32]| -> Fresh { ids.iter().map(|&i| canonical(&Bson::Int32(i))).collect() };
     assert_eq!(fresh, ids(&[2, 6]));
     // Without a horizon (snapshot, replay, unknown start) everything is looked up.
-    assert!(fresh_inserts(&r, &changes, None).is_empty());
+    assert!(fresh_inserts(&r, &changes, Novelty::Unknown).is_empty());
     // The new documents are in neither look-up; the others are.
     assert_eq!(
         r.owner_filters(&changes, &fresh).unwrap(),
@@ -492,10 +492,19 @@ fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
     );
     // A batch of nothing but new documents needs no look-up at all.
     let all_new = vec![change(Op::Insert, 9, d(9, "z"), 6)];
-    let fresh = fresh_inserts(&r, &all_new, Some(ts(5)));
+    let fresh = fresh_inserts(&r, &all_new, Novelty::InsertsAfter(ts(5)));
     assert!(r.owner_filters(&all_new, &fresh).is_none());
     assert!(r.id_holder_filter(&all_new, &fresh, &[]).is_none());
     assert!(r.keys_to_look_up(&all_new, &[], &fresh).is_empty());
+    // A first snapshot: every document it copies (as a replace) is new.
+    let copies = vec![
+        change(Op::Replace, 7, d(7, "g"), 3),
+        change(Op::Replace, 8, d(8, "h"), 3),
+    ];
+    assert_eq!(
+        fresh_inserts(&r, &copies, Novelty::Everything),
+        ids(&[7, 8])
+    );
 }
 
 #[test]
@@ -1363,13 +1372,13 @@ fn apply_step_refusing(staging: &mut Vec<Document>, writes: &[PlannedWrite]) -> 
 fn pipeline_batch(
     staging: &mut Vec<Document>,
     changes: &[Change],
-    replayed_until: Option<Timestamp>,
+    novelty: Novelty,
     looked_up_ahead: Option<Vec<Document>>,
     pause: usize,
     ahead: &mut dyn FnMut(&[Document]),
 ) -> Touched {
     let r = rules();
-    let mut fresh = fresh_inserts(&r, changes, replayed_until);
+    let mut fresh = fresh_inserts(&r, changes, novelty);
     let mut existing = looked_up_ahead.unwrap_or_else(|| looked_up(staging, changes, &fresh));
     let plan = loop {
         let plan = plan_batch(&r, changes, existing.clone(), DateTime::from_millis(5));
@@ -1428,7 +1437,7 @@ fn pipeline_batch(
 fn run_stream(
     staging: &mut Vec<Document>,
     batches: &[&[Change]],
-    replayed_until: Option<Timestamp>,
+    novelty: Novelty,
     pauses: &[usize],
     overlap: bool,
 ) {
@@ -1442,7 +1451,7 @@ fn run_stream(
                 .filter(|c| touched.meets(&r, c))
                 .cloned()
                 .collect();
-            let fresh = fresh_inserts(&r, changes, replayed_until);
+            let fresh = fresh_inserts(&r, changes, novelty);
             found.extend(looked_up(staging, &again, &fresh));
             found
         });
@@ -1450,7 +1459,7 @@ fn run_stream(
         let mut found_next = None;
         let mut look_up_next = |now: &[Document]| {
             if let Some(next) = next {
-                let fresh = fresh_inserts(&r, next, replayed_until);
+                let fresh = fresh_inserts(&r, next, novelty);
                 found_next = Some(looked_up(now, next, &fresh));
             }
         };
@@ -1458,7 +1467,7 @@ fn run_stream(
         let touched = pipeline_batch(
             staging,
             changes,
-            replayed_until,
+            novelty,
             looked_up_ahead,
             pause,
             &mut look_up_next,
@@ -1497,9 +1506,21 @@ fn overlap_changes_nothing(
         increment: 0,
     });
     let mut sequential = seed_docs(seeded);
-    run_stream(&mut sequential, &batches, horizon, pauses, false);
+    run_stream(
+        &mut sequential,
+        &batches,
+        Novelty::inserts_after(horizon),
+        pauses,
+        false,
+    );
     let mut overlapped = seed_docs(seeded);
-    run_stream(&mut overlapped, &batches, horizon, pauses, true);
+    run_stream(
+        &mut overlapped,
+        &batches,
+        Novelty::inserts_after(horizon),
+        pauses,
+        true,
+    );
     prop_assert_eq!(
         normalized(overlapped),
         normalized(sequential),
@@ -1531,7 +1552,14 @@ fn a_reused_id_whose_insert_the_plan_refuses_is_looked_up_for_the_changes_after_
     ];
     let run = |replayed_until: Option<Timestamp>| {
         let mut staging = vec![twin.clone(), holder.clone()];
-        pipeline_batch(&mut staging, &batch, replayed_until, None, 0, &mut |_| {});
+        pipeline_batch(
+            &mut staging,
+            &batch,
+            Novelty::inserts_after(replayed_until),
+            None,
+            0,
+            &mut |_| {},
+        );
         staging
     };
     let blind = run(Some(ts(9)));
@@ -1596,7 +1624,13 @@ fn blind_inserts_change_nothing(
     let batches: Vec<&[Change]> = bounds.windows(2).map(|w| &rest[w[0]..w[1]]).collect();
     let run = |horizon: Option<Timestamp>| {
         let mut staging = before.clone();
-        run_stream(&mut staging, &batches, horizon, &[], false);
+        run_stream(
+            &mut staging,
+            &batches,
+            Novelty::inserts_after(horizon),
+            &[],
+            false,
+        );
         if read_late {
             // `_sync.prior` records the last change of an earlier owner that was applied, which
             // depends on the intermediate states late reads show (as in the read-late property).
@@ -1632,6 +1666,50 @@ fn blind_inserts_change_nothing(
     Ok(())
 }
 
+/// The property of `a_first_snapshot_written_blind_ends_where_looking_everything_up_does`:
+/// production documents `(email, v)` under `_id`s 0, 1, … (their business keys may repeat: a
+/// production without the unique index), copied in batches cut at `cuts` into a staging
+/// collection holding nothing from production — but, per `holders`, staging-only documents on
+/// key `e0` (to adopt) and under `_id` 1 (a new document must take another `_id`).
+fn blind_snapshot_changes_nothing(
+    docs: &[(u8, i32)],
+    holders: (bool, bool),
+    cuts: &[usize],
+) -> Result<(), TestCaseError> {
+    let copies: Vec<Change> = docs
+        .iter()
+        .enumerate()
+        .map(|(id, (email, v))| {
+            let id = id as i32;
+            let d = doc! { "_id": id, "email": format!("e{email}"), "acct": 1, "v": *v };
+            change(Op::Replace, id, Some(d), 1)
+        })
+        .collect();
+    let mut seed = Vec::new();
+    if holders.0 {
+        seed.push(doc! { "_id": "qa", "email": "e0", "acct": 1, "qa": "kept" });
+    }
+    if holders.1 {
+        seed.push(doc! { "_id": 1, "email": "staging-only", "acct": 1 });
+    }
+    let batches = cut(&copies, cuts);
+    let run = |novelty: Novelty| {
+        let mut staging = seed.clone();
+        for batch in &batches {
+            pipeline_batch(&mut staging, batch, novelty, None, 0, &mut |_| {});
+        }
+        normalized(staging)
+    };
+    prop_assert_eq!(
+        run(Novelty::Everything),
+        run(Novelty::Unknown),
+        "copies: {:?}; batches of {:?}",
+        copies,
+        batches.iter().map(|b| b.len()).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, max_global_rejects: 100_000, ..ProptestConfig::default() })]
 
@@ -1650,6 +1728,18 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..4),
     ) {
         blind_inserts_change_nothing(&ops, seeded, read_late, applied_before, replay_from, &cuts)?;
+    }
+
+    /// A first snapshot written without look-ups changes nothing: documents whose keys repeat
+    /// (collisions), staging-only documents to adopt by key or holding a production `_id`, any
+    /// batch cuts — it ends where looking every document up does.
+    #[test]
+    fn a_first_snapshot_written_blind_ends_where_looking_everything_up_does(
+        docs in prop::collection::vec((0u8..5, 0i32..2), 1..24),
+        holders in any::<(bool, bool)>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..4),
+    ) {
+        blind_snapshot_changes_nothing(&docs, holders, &cuts)?;
     }
 
     /// Looking a batch up while the one before it is being written, then dropping what that
