@@ -148,9 +148,9 @@ impl Metrics {
         let retries = counter("retries_total", "Transient failures retried", &["side"]);
         let insert_fallbacks = counter(
             "insert_fallbacks_total",
-            "New production documents written without a staging look-up that staging refused \
-             with a duplicate key (a document to adopt or revive, or a collision), then planned \
-             again with look-ups",
+            "Changes of new production documents written without a staging look-up that staging \
+             refused with a duplicate key (a document to adopt or revive, or a collision) or the \
+             plan could not apply, then planned again with look-ups",
             &["collection"],
         );
         let lease_held = prometheus::IntGaugeVec::new(
