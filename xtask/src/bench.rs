@@ -483,8 +483,9 @@ async fn snapshot_bench(
          | `stagesync snapshot` of {n} production documents (read, business-key look-up, merge, bulk write; checked by count) | {snap} |\n\
          | snapshot rate / raw insert rate | {ratio:.2} |\n\
          | peak RSS of `stagesync snapshot` | {peak_mib:.1} MiB |\n\n\
-         The snapshot does more than insert: each batch of 1000 is looked up in staging by production `_id` and by \
-         business key (adoption), planned, and written; progress is checkpointed after every batch.\n\n\
+         The snapshot does more than insert: each batch of 1000 is masked, planned (merge, `_sync` metadata) and \
+         written; staging holds nothing from production yet, so the copies are inserted without a look-up and \
+         staging's unique indexes catch the ones to adopt; progress is checkpointed after every batch.\n\n\
          CPU during the snapshot: {cpu}.\n",
         date = DateTime::now().try_to_rfc3339_string().unwrap_or_default(),
         server = env.server_version,
@@ -3548,7 +3549,7 @@ impl Report<'_> {
                 "- **Item 9 (snapshot).** Staging's raw `insert_many` of {n} documents (batches of 1000, one at a time, into \
                  an empty collection with stagesync's indexes): {}. Then the same {n} documents seeded into production and \
                  copied by `stagesync snapshot -c <config>` (a child process, fresh staging and metadata databases; read, \
-                 look-up by production `_id` and business key, merge, bulk write, checkpoint per batch), timed from its \
+                 merge, bulk write without a look-up — staging holds nothing from production yet — checkpoint per batch), timed from its \
                  start to its exit and checked by counting staging's documents with `_sync`: {}, {:.2}× the raw rate \
                  (target ≥ {SNAPSHOT_VS_INSERT}×). Peak RSS (VmHWM) of `stagesync snapshot`: {:.1} MiB. CPU {}.",
                 snap.raw.show("docs/s"),
