@@ -56,6 +56,42 @@ pub enum Origin {
     Replay,
 }
 
+/// When a batch may start the staging reads and writes that depend on the batch before it.
+///
+/// A snapshot plans a batch while the one before it is being written (`crate::snapshot`): its
+/// copies need no look-up, so the planning — most of stagesync's share of the work — overlaps
+/// staging's. Whatever reads or writes staging waits for its turn, so staging sees the batches
+/// one after the other, as it would without the overlap.
+#[derive(Clone, Default)]
+pub struct Turn(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Turn {
+    /// No batch to wait for.
+    pub fn now() -> Turn {
+        Turn(None)
+    }
+
+    /// After the batch that sets `done` to true. Should it give up instead (drop the sender),
+    /// this batch is abandoned too: it must not write ahead of one that was never written.
+    pub fn after(done: tokio::sync::watch::Receiver<bool>) -> Turn {
+        Turn(Some(done))
+    }
+
+    async fn wait(&self) -> Result<()> {
+        let Some(done) = &self.0 else {
+            return Ok(());
+        };
+        match done.clone().wait_for(|done| *done).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(SyncError::Staging(
+                "the batch before this one was not written; this one is not written either (the \
+                 next run continues from the last batch saved)"
+                    .into(),
+            )),
+        }
+    }
+}
+
 /// What one `apply_changes` call did.
 #[derive(Debug, Default, Clone)]
 pub struct BatchReport {
@@ -158,7 +194,7 @@ impl Pipeline {
     /// in the dead-letter queue (unless replaying one). `Err` only for trouble with the whole
     /// request (the caller retries the batch: replays are no-ops thanks to the order rule).
     pub async fn apply_changes(&self, changes: &[Change], origin: Origin) -> Result<BatchReport> {
-        self.apply_batch(changes, origin, Novelty::Unknown, None)
+        self.apply_batch(changes, origin, Novelty::Unknown, None, &Turn::now())
             .await
     }
 
@@ -173,12 +209,13 @@ impl Pipeline {
         origin: Origin,
         novelty: Novelty,
         looked_up: Option<Vec<Document>>,
+        turn: &Turn,
     ) -> Result<BatchReport> {
         let fresh = fresh_inserts(&self.rules, changes, novelty);
         let mut touched = Touched::default();
         // From here on `changes` are the ones planned: masked with staging's knowledge too.
         let (changes, mut outcomes, duplicate_key, mut looked_up_again) = self
-            .plan_and_write(changes, true, &fresh, looked_up, &mut touched)
+            .plan_and_write(changes, true, &fresh, looked_up, turn, &mut touched)
             .await?;
         // A duplicate key error can come from two documents of the batch trading keys in
         // parallel chunks, or from an insert written without a look-up whose key (or `_id`)
@@ -193,7 +230,7 @@ impl Pipeline {
             }
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
             let (_, second, _, _) = self
-                .plan_and_write(&retry, false, &Fresh::new(), None, &mut touched)
+                .plan_and_write(&retry, false, &Fresh::new(), None, turn, &mut touched)
                 .await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
                 outcomes[i] = second[k].clone();
@@ -252,7 +289,9 @@ impl Pipeline {
     /// they failed (the batch then looks everything up itself).
     async fn look_up_ahead(&self, changes: &[Change], novelty: Novelty) -> Option<Vec<Document>> {
         let fresh = fresh_inserts(&self.rules, changes, novelty);
-        self.fetch_existing_except(changes, &fresh).await.ok()
+        self.fetch_existing_except(changes, &fresh, &Turn::now())
+            .await
+            .ok()
     }
 
     /// Look-ups made ahead, made exact now that the batch written meanwhile (`before`) is
@@ -276,7 +315,11 @@ impl Pipeline {
         if !again.is_empty() {
             // New documents are judged on the whole batch (a later key move makes one not new).
             let fresh = fresh_inserts(&self.rules, changes, novelty);
-            looked_up.extend(self.fetch_existing_except(&again, &fresh).await.ok()?);
+            looked_up.extend(
+                self.fetch_existing_except(&again, &fresh, &Turn::now())
+                    .await
+                    .ok()?,
+            );
         }
         Some(looked_up)
     }
@@ -286,17 +329,21 @@ impl Pipeline {
     /// side), by own `_id` where a new document may take it, then by the business keys still
     /// needed (see [`Rules::keys_to_look_up`]).
     pub async fn fetch_existing(&self, changes: &[Change]) -> Result<Vec<Document>> {
-        self.fetch_existing_except(changes, &Fresh::new()).await
+        self.fetch_existing_except(changes, &Fresh::new(), &Turn::now())
+            .await
     }
 
-    /// [`Pipeline::fetch_existing`], leaving out the documents known to be new.
+    /// [`Pipeline::fetch_existing`], leaving out the documents known to be new; each query
+    /// waits for `turn` (none is made when every document is new).
     async fn fetch_existing_except(
         &self,
         changes: &[Change],
         fresh: &Fresh,
+        turn: &Turn,
     ) -> Result<Vec<Document>> {
         let what = || format!("looking up staging.{}", self.target);
         let find = |filter: Document| async move {
+            turn.wait().await?;
             self.staging
                 .find(filter)
                 .await
@@ -334,11 +381,12 @@ impl Pipeline {
         set_aside_duplicate_keys: bool,
         fresh: &Fresh,
         looked_up: Option<Vec<Document>>,
+        turn: &Turn,
         touched: &mut Touched,
     ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>, usize)> {
         let mut existing = match looked_up {
             Some(found) => found,
-            None => self.fetch_existing_except(changes, fresh).await?,
+            None => self.fetch_existing_except(changes, fresh, turn).await?,
         };
         let mut fresh = Cow::Borrowed(fresh);
         let mut looked_up_again = 0;
@@ -346,6 +394,9 @@ impl Pipeline {
             let masked = mask_moved_values(&self.rules, &self.masker, changes, &existing);
             // References rewritten to staging `_id`s; those not resolvable yet are recorded as
             // pending fix-ups before anything is written (`crate::references`).
+            if self.references.remaps() {
+                turn.wait().await?;
+            }
             let (masked, unresolved) = self.references.remap(masked).await?;
             let plan = plan_batch(&self.rules, &masked, existing.clone(), DateTime::now());
             // New documents the plan could not write blind: look them up, plan again (rare).
@@ -363,13 +414,14 @@ impl Pipeline {
                 .metrics
                 .fresh_insert_fallbacks(&self.name, again.len());
             looked_up_again += again.len();
-            existing.extend(self.fetch_existing_except(&again, &fresh).await?);
+            existing.extend(self.fetch_existing_except(&again, &fresh, turn).await?);
         };
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
         let names = crate::apply::LiteralNames::collect(&existing, &changes);
         // Recorded before anything is sent: a write that fails half-way has still touched.
         touched.record_read(&self.rules, &changes, &existing);
         touched.record_writes(&plan);
+        turn.wait().await?;
         self.references.before_writes(&plan, &unresolved).await?;
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
@@ -483,6 +535,7 @@ impl Pipeline {
         origin: Origin,
         novelty: Novelty,
         looked_up: Option<Vec<Document>>,
+        turn: &Turn,
         shutdown: &CancellationToken,
     ) -> Result<Option<BatchReport>> {
         let mut outage: Option<Instant> = None;
@@ -493,7 +546,7 @@ impl Pipeline {
             self.check_fence()?;
             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let ahead = looked_up.lock().map(|mut l| l.take()).unwrap_or(None);
-            let apply = self.apply_batch(changes, origin, novelty, ahead);
+            let apply = self.apply_batch(changes, origin, novelty, ahead, turn);
             tokio::pin!(apply);
             tokio::select! {
                 r = &mut apply => r.map(Some),
@@ -741,11 +794,13 @@ impl Pipeline {
             };
             touched = None;
             if !batch.changes.is_empty() {
+                let now = Turn::now();
                 let apply = self.apply_with_retry(
                     &batch.changes,
                     Origin::Stream,
                     novelty,
                     looked_up,
+                    &now,
                     shutdown,
                 );
                 tokio::pin!(apply);

@@ -181,6 +181,11 @@ impl References {
         Ok(found.into_iter().map(|(k, (v, _))| (k, v)).collect())
     }
 
+    /// Whether [`References::remap`] reads staging (this collection has references to rewrite).
+    pub fn remaps(&self) -> bool {
+        !self.outgoing.is_empty()
+    }
+
     /// Rewrites the batch's references to staging `_id`s (see the module documentation);
     /// returns the changes as rewritten and the references whose document is not in staging.
     pub async fn remap<'c>(

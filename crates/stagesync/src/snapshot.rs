@@ -16,18 +16,19 @@
 //!    collection much later than `T`; the stamps keep the stream's replay of everything since
 //!    `T` from applying old changes on top of those newer copies.
 
+use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{MongoContext, Result};
-use crate::pipeline::{Origin, Pipeline};
+use crate::error::{MongoContext, Result, SyncError};
+use crate::pipeline::{BatchReport, Origin, Pipeline, Turn};
 use crate::plan::Novelty;
 use crate::source::change::Change;
 use crate::source::scan;
@@ -82,22 +83,36 @@ pub async fn snapshot_collection(
     ));
     let mut stopped = false;
     let mut failure = None;
-    while let Some(batch) = rx.recv().await {
-        let changes = match batch {
-            Ok(changes) => changes,
-            Err(e) => {
-                failure = Some(e);
-                break;
+    let mut reader_failure = None;
+    let mut reader_done = false;
+    // Two batches at a time: the one being written and the next, planned meanwhile. The next
+    // waits for its turn before it reads or writes staging (`Turn`), so staging still sees the
+    // batches one after the other; with nothing to look up, the planning is what overlaps.
+    let mut copying: VecDeque<Copying> = VecDeque::with_capacity(2);
+    loop {
+        if copying.len() < 2 && !reader_done {
+            match rx.recv().await {
+                Some(Ok(changes)) => {
+                    let turn = copying.back().map_or_else(Turn::now, Copying::turn);
+                    copying.push_back(Copying::start(cs, changes, novelty, turn, shutdown));
+                    continue;
+                }
+                Some(Err(e)) => {
+                    reader_failure = Some(e);
+                    reader_done = true;
+                }
+                None => reader_done = true,
             }
+        }
+        let Some(oldest) = copying.pop_front() else {
+            break;
         };
-        match cs
-            .apply_with_retry(&changes, Origin::Snapshot, novelty, None, shutdown)
-            .await
-        {
+        let (count, batch_last_id) = (oldest.count, oldest.last_id.clone());
+        match oldest.finish().await {
             Ok(Some(report)) => {
                 // Most keys already held (staging restored from a dump, say): each blind insert
                 // would be refused and looked up after all, so look up first from here on.
-                if novelty == Novelty::Everything && report.looked_up_again * 2 > changes.len() {
+                if novelty == Novelty::Everything && report.looked_up_again * 2 > count {
                     tracing::info!(collection = %cs.name, "staging already holds the business keys of most documents copied; looking every document up from here on");
                     novelty = Novelty::Unknown;
                 }
@@ -111,14 +126,22 @@ pub async fn snapshot_collection(
                 break;
             }
         }
-        copied += changes.len() as u64;
-        last_id = changes.last().map(|c| c.prod_id.clone());
+        copied += count as u64;
+        last_id = batch_last_id;
         progress.set(copied);
         health.snapshot_progress(&cs.name);
         if let Err(e) = save_progress(cs, read_time, &last_id, copied, shutdown).await {
             failure = Some(e);
             break;
         }
+    }
+    // A batch still queued behind one that was not written writes nothing (its turn never
+    // comes); stop it now.
+    for c in copying {
+        c.abandon().await;
+    }
+    if failure.is_none() {
+        failure = reader_failure;
     }
     // Stop the reader and wait until it is gone: its production cursor must be closed while
     // the client is still open (a cursor dropped at runtime teardown makes the driver panic).
@@ -148,6 +171,63 @@ pub async fn snapshot_collection(
     };
     cs.save_checkpoint(&handoff, shutdown).await?;
     Ok(Some(read_time))
+}
+
+/// One batch of copies, applied in a task of its own (see the loop in [`snapshot_collection`]).
+struct Copying {
+    task: tokio::task::JoinHandle<Result<Option<BatchReport>>>,
+    /// Set once the batch is written, for the batch after it.
+    done: watch::Receiver<bool>,
+    count: usize,
+    last_id: Option<Bson>,
+}
+
+impl Copying {
+    fn start(
+        cs: &Pipeline,
+        changes: Vec<Change>,
+        novelty: Novelty,
+        turn: Turn,
+        shutdown: &CancellationToken,
+    ) -> Copying {
+        let (done_tx, done) = watch::channel(false);
+        let count = changes.len();
+        let last_id = changes.last().map(|c| c.prod_id.clone());
+        let cs = cs.clone();
+        let shutdown = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let report = cs
+                .apply_with_retry(&changes, Origin::Snapshot, novelty, None, &turn, &shutdown)
+                .await;
+            if matches!(report, Ok(Some(_))) {
+                let _ = done_tx.send(true);
+            }
+            report
+        });
+        Copying {
+            task,
+            done,
+            count,
+            last_id,
+        }
+    }
+
+    /// The turn of the batch after this one.
+    fn turn(&self) -> Turn {
+        Turn::after(self.done.clone())
+    }
+
+    async fn finish(self) -> Result<Option<BatchReport>> {
+        match self.task.await {
+            Ok(report) => report,
+            Err(e) => Err(SyncError::TaskFailed(format!("a snapshot batch: {e}"))),
+        }
+    }
+
+    async fn abandon(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
 }
 
 /// Whether any staging document records a production `_id` (a look-up error counts as yes:
@@ -277,7 +357,14 @@ async fn prune_stale(
             continue;
         }
         match cs
-            .apply_with_retry(&gone, Origin::Snapshot, Novelty::Unknown, None, shutdown)
+            .apply_with_retry(
+                &gone,
+                Origin::Snapshot,
+                Novelty::Unknown,
+                None,
+                &Turn::now(),
+                shutdown,
+            )
             .await?
         {
             Some(report) => pruned += report.applied as u64,

@@ -466,3 +466,162 @@ async fn changes_a_continued_snapshot_already_copied_are_not_replayed_onto_it() 
         "one staging document per production document, as production has it: {docs:?}"
     );
 }
+
+/// A first snapshot writes its copies without look-ups and plans each batch while the one before
+/// it is written. In many small batches — business keys repeated in production (collisions),
+/// staging-only documents to adopt, one holding a production `_id` — it must end where the same
+/// copy ends when every document is looked up one batch after the other: into a staging
+/// collection that already holds a synced document (which turns the blind path off).
+#[tokio::test]
+async fn a_first_snapshot_in_overlapping_blind_batches_ends_where_looking_everything_up_does() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let pair = Pair::start();
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let mut rng = StdRng::seed_from_u64(14);
+    let docs: Vec<Document> = (0..600)
+        .map(|i| doc! { "_id": i, "userEmail": format!("u{}@x.org", rng.random_range(0..200)), "accountId": 1, "total": i })
+        .collect();
+    prod.insert_many(docs).await.unwrap();
+
+    let copy = |name: &'static str, with_synced_document: bool| {
+        let pair = &pair;
+        async move {
+            let (staging_db, meta_db) = (
+                format!("{}_{name}", pair.staging_db_name()),
+                format!("{}_{name}", pair.meta_db_name()),
+            );
+            let text = pair
+                .config_text("snapshot_batch_size = 3", ORDERS)
+                .replace(&pair.staging_db_name(), &staging_db)
+                .replace(&pair.meta_db_name(), &meta_db);
+            let path = pair.dir.path().join(format!("{name}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let staging = common::client(&pair.staging_uri)
+                .await
+                .database(&staging_db)
+                .collection::<Document>("orders");
+            let mut seed: Vec<Document> = (0..20)
+                .map(|i| doc! { "_id": format!("qa-{i}"), "userEmail": format!("u{i}@x.org"), "accountId": 1, "qa": i })
+                .collect();
+            seed.push(doc! { "_id": 5, "userEmail": "tester@x.org", "accountId": 99 });
+            if with_synced_document {
+                seed.push(doc! { "_id": "marker", "userEmail": "marker@x.org", "accountId": 0,
+                    "_sync": { "id": "marker", "ts": Timestamp { time: 1, increment: 1 }, "fields": ["userEmail", "accountId"] } });
+            }
+            staging.insert_many(seed).await.unwrap();
+            let out = common::stagesync(&["snapshot"], &path);
+            assert!(out.status.success(), "{}", common::text(&out));
+            // Read times and new `_id`s differ between the runs; the rest must not.
+            let mut rows: Vec<String> = all_docs(&staging)
+                .await
+                .into_iter()
+                .filter(|d| d.get_str("_id") != Ok("marker"))
+                .map(|mut d| {
+                    if let Ok(meta) = d.get_document_mut("_sync") {
+                        meta.remove("ts");
+                    }
+                    if matches!(d.get("_id"), Some(Bson::ObjectId(_))) {
+                        d.insert("_id", "new");
+                    }
+                    d.remove("deletedAt");
+                    d.to_string()
+                })
+                .collect();
+            rows.sort();
+            let dead_letters = common::client(&pair.staging_uri)
+                .await
+                .database(&meta_db)
+                .collection::<Document>("dead_letters")
+                .count_documents(doc! {})
+                .await
+                .unwrap();
+            (rows, dead_letters)
+        }
+    };
+    let (blind, blind_dead) = copy("blind", false).await;
+    let (looked_up, looked_up_dead) = copy("looked_up", true).await;
+    assert!(blind_dead > 0, "the keys repeat: some copies collide");
+    assert_eq!(
+        blind_dead, looked_up_dead,
+        "the same copies are dead-lettered"
+    );
+    assert_eq!(blind.len(), looked_up.len());
+    for (b, l) in blind.iter().zip(&looked_up) {
+        assert_eq!(b, l);
+    }
+}
+
+/// A batch planned while the one before it is written waits for its turn before it touches
+/// staging: a one-copy batch started next to a thousand-copy one whose last copy has the same
+/// business key finishes planning long before, yet is written second — the first copy keeps
+/// the key, the second is dead-lettered as a collision.
+#[tokio::test]
+async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
+    use stagesync::pipeline::{Origin, Pipeline, Turn};
+    use stagesync::plan::Novelty;
+    use stagesync::source::change::Change;
+    let pair = Pair::start();
+    let (_, config) = pair.config("", ORDERS);
+    let ctx = stagesync::context::Context::connect(config.clone())
+        .await
+        .unwrap();
+    let pipeline = Pipeline::new(&ctx, &config.collections[0]);
+    let staging = pair.staging().await;
+    stagesync::apply::ensure_indexes(&staging, "orders", &pipeline.rules)
+        .await
+        .unwrap();
+    // Each batch is stamped with the production time it was read at.
+    let copy = |id: i32, email: &str, read_at: u32| {
+        let d = doc! { "_id": id, "userEmail": email, "accountId": 1 };
+        let read_time = Timestamp {
+            time: read_at,
+            increment: 1,
+        };
+        Change::from_snapshot(d, read_time, mongodb::bson::DateTime::now()).unwrap()
+    };
+    let first: Vec<Change> = (0..1000)
+        .map(|i| copy(i, &format!("u{i}@x.org"), 100))
+        .collect();
+    let second = vec![copy(5000, "u999@x.org", 101)];
+    let (done, first_done) = tokio::sync::watch::channel(false);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let now = Turn::now();
+    let a = async {
+        let report = pipeline
+            .apply_with_retry(
+                &first,
+                Origin::Snapshot,
+                Novelty::Everything,
+                None,
+                &now,
+                &shutdown,
+            )
+            .await;
+        done.send(true).unwrap();
+        report
+    };
+    let after = Turn::after(first_done);
+    let b = pipeline.apply_with_retry(
+        &second,
+        Origin::Snapshot,
+        Novelty::Everything,
+        None,
+        &after,
+        &shutdown,
+    );
+    // The later batch is polled first: without its turn it would be written first.
+    let (b, a) = tokio::join!(b, a);
+    assert_eq!(a.unwrap().unwrap().applied, 1000);
+    assert_eq!(b.unwrap().unwrap().failed, 1, "the later copy collides");
+    let holder = find_by(
+        &staging.collection::<Document>("orders"),
+        doc! { "userEmail": "u999@x.org" },
+    )
+    .await;
+    assert_eq!(holder.len(), 1);
+    assert_eq!(
+        holder[0].get_document("_sync").unwrap().get_i32("id"),
+        Ok(999)
+    );
+    ctx.shutdown().await;
+}
