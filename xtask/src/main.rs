@@ -75,6 +75,9 @@ fn product_binary() -> anyhow::Result<PathBuf> {
         .context("the xtask executable has no directory")?
         .to_path_buf();
     if let Some(cargo) = std::env::var_os("CARGO") {
+        // Built together with xtask, so its dependencies get the features xtask's build gave
+        // them: `-p stagesync` alone resolves other features for `mongodb` and rebuilds it
+        // (minutes), then the next `cargo xtask` rebuilds it back.
         let mut build = Command::new(cargo);
         build.args([
             "build",
@@ -82,6 +85,8 @@ fn product_binary() -> anyhow::Result<PathBuf> {
             "-q",
             "-p",
             "stagesync",
+            "-p",
+            "xtask",
             "--bin",
             "stagesync",
         ]);
