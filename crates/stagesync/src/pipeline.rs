@@ -223,9 +223,6 @@ impl Pipeline {
         // once more, alone and with every look-up, now that the rest is written.
         if !duplicate_key.is_empty() {
             if !fresh.is_empty() {
-                self.ctx
-                    .metrics
-                    .fresh_insert_fallbacks(&self.name, duplicate_key.len());
                 looked_up_again += duplicate_key.len();
             }
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
@@ -237,6 +234,9 @@ impl Pipeline {
             }
         }
         let metrics = &self.ctx.metrics;
+        if looked_up_again > 0 {
+            metrics.fresh_insert_fallbacks(&self.name, looked_up_again);
+        }
         let mut report = BatchReport::default();
         for (c, outcome) in changes.iter().zip(&outcomes) {
             match outcome {
@@ -410,9 +410,6 @@ impl Pipeline {
                 .filter(|c| unsure.contains(&canonical(&c.prod_id)))
                 .cloned()
                 .collect();
-            self.ctx
-                .metrics
-                .fresh_insert_fallbacks(&self.name, again.len());
             looked_up_again += again.len();
             existing.extend(self.fetch_existing_except(&again, &fresh, turn).await?);
         };

@@ -11,6 +11,17 @@ fn key(email: &str, account: i32) -> Document {
     doc! { "userEmail": email, "accountId": account }
 }
 
+/// Changes of new documents written without a look-up that went down the slow path after all
+/// (`stagesync_insert_fallbacks_total` of `orders`).
+fn insert_fallbacks(engine: &Engine) -> u64 {
+    engine
+        .ctx
+        .metrics
+        .insert_fallbacks
+        .with_label_values(&["orders"])
+        .get()
+}
+
 #[tokio::test]
 async fn insert_adopts_the_staging_document_with_the_same_business_key() {
     let pair = Pair::start();
@@ -82,12 +93,7 @@ async fn insert_adopts_the_staging_document_with_the_same_business_key() {
     // Both inserts were written without a look-up; staging's unique key index refused the one
     // whose key it already held, which then went down the slow path and adopted.
     assert_eq!(
-        engine
-            .ctx
-            .metrics
-            .insert_fallbacks
-            .with_label_values(&["orders"])
-            .get(),
+        insert_fallbacks(&engine),
         1,
         "one insert fell back to looking staging up"
     );
@@ -583,15 +589,7 @@ async fn a_clean_stop_marks_its_checkpoint_exact_and_the_next_run_writes_new_doc
     // The inserts made while stopped were written without looking them up (the exact
     // checkpoint says they are new); staging refused the one whose key it held, which then
     // adopted through the slow path.
-    assert_eq!(
-        again
-            .ctx
-            .metrics
-            .insert_fallbacks
-            .with_label_values(&["orders"])
-            .get(),
-        1
-    );
+    assert_eq!(insert_fallbacks(&again), 1);
     // The running stream's checkpoints are not exact (a crash now would leave changes applied
     // past them).
     let cfg = config.clone();
@@ -656,14 +654,6 @@ async fn a_first_snapshot_writes_new_documents_blind_and_still_adopts_by_key() {
     assert_eq!(all_docs(&staging).await.len(), 21);
     // Every copy was written without a look-up; staging refused the two whose key or `_id` it
     // held, which then went down the slow path.
-    assert_eq!(
-        engine
-            .ctx
-            .metrics
-            .insert_fallbacks
-            .with_label_values(&["orders"])
-            .get(),
-        2
-    );
+    assert_eq!(insert_fallbacks(&engine), 2);
     engine.stop().await.unwrap();
 }
