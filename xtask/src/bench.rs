@@ -137,6 +137,17 @@ pub struct BenchArgs {
     /// measure what masking costs; the report then goes to docs/BENCHMARKS-masked.md.
     #[arg(long)]
     pub mask: bool,
+    /// Only the backlog catch-up (item 7) next to its oracle (item 4), N changes each, run
+    /// `--repeat` times alternately; printed, no report written. For comparing two builds.
+    #[arg(long, value_name = "N")]
+    pub catch_up: Option<u64>,
+    /// Extra `[sync]` settings (TOML lines) for every `stagesync run` the bench starts, e.g.
+    /// `--sync-extra 'apply_concurrency = 1'`; printed at the start of the run.
+    #[arg(long, value_name = "TOML")]
+    pub sync_extra: Option<String>,
+    /// With --catch-up: how many oracle/catch-up pairs to run [default: 1]
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub repeat: u32,
 }
 
 /// The sizes of one run, flags over `--quick` over the defaults.
@@ -208,12 +219,23 @@ pub async fn command(args: BenchArgs, exe: PathBuf) -> anyhow::Result<i32> {
     }
 
     let mut env = Env::start(exe).await?;
+    if let Some(extra) = &args.sync_extra {
+        println!("extra [sync] settings for stagesync: {extra}");
+        env.sync_extra = extra.clone();
+    }
     if let Some(n) = args.snapshot {
         let output = args
             .output
             .clone()
             .unwrap_or_else(|| PathBuf::from("docs/BENCHMARKS-snapshot.md"));
         snapshot_bench(&env, n, &output, &command_line).await?;
+        return Ok(0);
+    }
+    if let Some(n) = args.catch_up {
+        if n < 20 {
+            bail!("--catch-up must be at least 20 (it is split 70/25/5 into inserts, updates and deletes)");
+        }
+        catch_up_bench(&env, n, args.repeat.max(1)).await?;
         return Ok(0);
     }
     env.masked = args.mask;
@@ -468,6 +490,30 @@ pub async fn command(args: BenchArgs, exe: PathBuf) -> anyhow::Result<i32> {
 // The initial-snapshot benchmark (`--snapshot N`)
 
 /// `--snapshot N`: the snapshot item alone, with a report of its own.
+/// `--catch-up N`: item 4 and item 7 only, `repeat` times, printed.
+async fn catch_up_bench(env: &Env, n: u64, repeat: u32) -> anyhow::Result<()> {
+    for round in 1..=repeat {
+        println!("\n[{round}/{repeat}] oracle, then backlog catch-up, {n} changes each");
+        let oracle = oracle(env, n).await.context("oracle")?;
+        let c = catch_up(env, n).await.context("backlog catch-up")?;
+        match c.rate() {
+            Some(rate) => println!(
+                "  oracle {:.0} writes/s (staging {} per write); catch-up {rate:.0} changes/s = {:.2}× the oracle; \
+                 CPU per change: staging {}, stagesync {}, production {}; peak RSS {:.1} MiB",
+                oracle.rate.per_sec(),
+                us(oracle.staging_us_per_write()),
+                rate / oracle.rate.per_sec(),
+                us(c.us_per_change("staging server")),
+                us(c.us_per_change("stagesync run")),
+                us(c.us_per_change("production server")),
+                kib_to_mib(c.peak_rss_kb)
+            ),
+            None => println!("  NOT in sync within the deadline: {}", c.detail),
+        }
+    }
+    Ok(())
+}
+
 async fn snapshot_bench(
     env: &Env,
     n: u64,
@@ -647,6 +693,8 @@ struct Env {
     staging: Client,
     /// `--mask`: the product runs with [`MASK_RULES`].
     masked: bool,
+    /// `--sync-extra`: appended to the `[sync]` table of every product config.
+    sync_extra: String,
 }
 
 /// The five masking rules of `--mask` (fields the bench never queries staging by, so every
@@ -713,6 +761,7 @@ impl Env {
             prod,
             staging,
             masked: false,
+            sync_extra: String::new(),
         })
     }
 
@@ -1557,6 +1606,7 @@ metadata_database = "{meta_db}"
 # write_concern: the default, "majority"
 checkpoint_interval = "1s"
 {sync_extra}
+{env_extra}
 [[collections]]
 name = "{COLLECTION}"
 business_key = ["userEmail", "accountId"]
@@ -1565,6 +1615,7 @@ deletes = "soft"
         prod = env.prod_server.uri(),
         staging = env.staging_server.uri(),
         mask = if env.masked { MASK_RULES } else { "" },
+        env_extra = env.sync_extra,
     )
 }
 

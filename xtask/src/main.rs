@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Task {
     /// Measure stagesync against the servers' raw limits on a local pair of servers.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Start local production and staging servers, sync sample data and show it live.
     Demo,
 }
@@ -60,7 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.task {
-            Task::Bench(args) => bench::command(args, exe).await,
+            Task::Bench(args) => bench::command(*args, exe).await,
             Task::Demo => demo::command(exe).await.map(|()| 0),
         }
     })

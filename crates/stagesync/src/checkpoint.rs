@@ -30,10 +30,12 @@ pub struct Checkpoint {
     pub saved_at: Option<DateTime>,
     /// Progress of an unfinished snapshot of the collection (see `snapshot`).
     pub snapshot: Option<Document>,
-    /// Saved by a run that stopped cleanly: every change up to this position was applied and
-    /// none after it, so the next run knows the changes after `cluster_time` are new to
-    /// staging (see `plan::fresh_inserts`). Any later save clears it.
-    pub exact: bool,
+    /// Saved by a run that stopped cleanly: no run applied any change after this production
+    /// time, so the next run knows the changes after it are new to staging (see
+    /// `plan::fresh_inserts`). It is the later of the position (what the stopping run applied)
+    /// and the horizon that run started with (what earlier runs may have applied), so it is
+    /// known even for a run that saw no change at all. Any later save clears it.
+    pub horizon: Option<Timestamp>,
 }
 
 impl Checkpoint {
@@ -68,7 +70,7 @@ impl Checkpoint {
             "snapshot",
             self.snapshot.clone().map(Bson::Document),
         );
-        opt(&mut d, "exact", self.exact.then_some(Bson::Boolean(true)));
+        opt(&mut d, "horizon", self.horizon.map(Bson::Timestamp));
         d
     }
 
@@ -79,7 +81,13 @@ impl Checkpoint {
             wall_time: d.get_datetime("wallTime").ok().copied(),
             saved_at: d.get_datetime("savedAt").ok().copied(),
             snapshot: d.get_document("snapshot").ok().cloned(),
-            exact: d.get_bool("exact").unwrap_or(false),
+            // `exact: true` is how a clean stop said it before `horizon`: its position.
+            horizon: d.get_timestamp("horizon").ok().or_else(|| {
+                d.get_bool("exact")
+                    .unwrap_or(false)
+                    .then(|| d.get_timestamp("clusterTime").ok())
+                    .flatten()
+            }),
         }
     }
 }

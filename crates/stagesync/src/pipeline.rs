@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{DateTime, Document};
+use mongodb::bson::{DateTime, Document, Timestamp};
 use mongodb::Collection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -215,7 +215,16 @@ impl Pipeline {
         let mut touched = Touched::default();
         // From here on `changes` are the ones planned: masked with staging's knowledge too.
         let (changes, mut outcomes, duplicate_key, mut looked_up_again) = self
-            .plan_and_write(changes, true, &fresh, looked_up, turn, &mut touched)
+            .plan_and_write(
+                changes,
+                Pass::First {
+                    fresh: &fresh,
+                    novelty,
+                },
+                looked_up,
+                turn,
+                &mut touched,
+            )
             .await?;
         // A duplicate key error can come from two documents of the batch trading keys in
         // parallel chunks, or from an insert written without a look-up whose key (or `_id`)
@@ -227,7 +236,7 @@ impl Pipeline {
             }
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
             let (_, second, _, _) = self
-                .plan_and_write(&retry, false, &Fresh::new(), None, turn, &mut touched)
+                .plan_and_write(&retry, Pass::Second, None, turn, &mut touched)
                 .await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
                 outcomes[i] = second[k].clone();
@@ -289,7 +298,7 @@ impl Pipeline {
     /// they failed (the batch then looks everything up itself).
     async fn look_up_ahead(&self, changes: &[Change], novelty: Novelty) -> Option<Vec<Document>> {
         let fresh = fresh_inserts(&self.rules, changes, novelty);
-        self.fetch_existing_except(changes, &fresh, &Turn::now())
+        self.fetch_existing_except(changes, &fresh, novelty, &Turn::now())
             .await
             .ok()
     }
@@ -316,7 +325,7 @@ impl Pipeline {
             // New documents are judged on the whole batch (a later key move makes one not new).
             let fresh = fresh_inserts(&self.rules, changes, novelty);
             looked_up.extend(
-                self.fetch_existing_except(&again, &fresh, &Turn::now())
+                self.fetch_existing_except(&again, &fresh, novelty, &Turn::now())
                     .await
                     .ok()?,
             );
@@ -329,16 +338,18 @@ impl Pipeline {
     /// side), by own `_id` where a new document may take it, then by the business keys still
     /// needed (see [`Rules::keys_to_look_up`]).
     pub async fn fetch_existing(&self, changes: &[Change]) -> Result<Vec<Document>> {
-        self.fetch_existing_except(changes, &Fresh::new(), &Turn::now())
+        self.fetch_existing_except(changes, &Fresh::new(), Novelty::Unknown, &Turn::now())
             .await
     }
 
-    /// [`Pipeline::fetch_existing`], leaving out the documents known to be new; each query
-    /// waits for `turn` (none is made when every document is new).
+    /// [`Pipeline::fetch_existing`], leaving out the documents known to be new, and the former
+    /// owners of those `novelty` says were never applied (see [`Rules::owner_filters`]); each
+    /// query waits for `turn` (none is made when every document is new).
     async fn fetch_existing_except(
         &self,
         changes: &[Change],
         fresh: &Fresh,
+        novelty: Novelty,
         turn: &Turn,
     ) -> Result<Vec<Document>> {
         let what = || format!("looking up staging.{}", self.target);
@@ -352,12 +363,13 @@ impl Pipeline {
                 .await
                 .with_context(what)
         };
-        let mut existing: Vec<Document> = match self.rules.owner_filters(changes, fresh) {
-            Some([owners, prior_owners]) => {
+        let mut existing: Vec<Document> = match self.rules.owner_filters(changes, fresh, novelty) {
+            Some((owners, Some(prior_owners))) => {
                 let (mut found, prior) = futures::try_join!(find(owners), find(prior_owners))?;
                 found.extend(prior);
                 found
             }
+            Some((owners, None)) => find(owners).await?,
             None => vec![],
         };
         if let Some(filter) = self.rules.id_holder_filter(changes, fresh, &existing) {
@@ -371,22 +383,29 @@ impl Pipeline {
     }
 
     /// Returns the changes as planned (with the values staging knows to be personal masked:
-    /// [`crate::plan::mask_moved_values`]), each change's outcome and, when
-    /// `set_aside_duplicate_keys`, the indices whose write hit a duplicate key (left for a
-    /// second pass instead of failing them now), and how many changes of `fresh` documents the
-    /// plan sent back to be looked up ([`unsure_fresh`]).
+    /// [`crate::plan::mask_moved_values`]), each change's outcome and, in the first pass, the
+    /// indices whose write hit a duplicate key (left for the second pass instead of failing
+    /// them now), and how many changes of `fresh` documents the plan sent back to be looked up
+    /// ([`unsure_fresh`]).
     async fn plan_and_write<'c>(
         &self,
         changes: &'c [Change],
-        set_aside_duplicate_keys: bool,
-        fresh: &Fresh,
+        pass: Pass<'_>,
         looked_up: Option<Vec<Document>>,
         turn: &Turn,
         touched: &mut Touched,
     ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>, usize)> {
+        let no_fresh = Fresh::new();
+        let (set_aside_duplicate_keys, fresh, novelty) = match pass {
+            Pass::First { fresh, novelty } => (true, fresh, novelty),
+            Pass::Second => (false, &no_fresh, Novelty::Unknown),
+        };
         let mut existing = match looked_up {
             Some(found) => found,
-            None => self.fetch_existing_except(changes, fresh, turn).await?,
+            None => {
+                self.fetch_existing_except(changes, fresh, novelty, turn)
+                    .await?
+            }
         };
         let mut fresh = Cow::Borrowed(fresh);
         let mut looked_up_again = 0;
@@ -411,7 +430,10 @@ impl Pipeline {
                 .cloned()
                 .collect();
             looked_up_again += again.len();
-            existing.extend(self.fetch_existing_except(&again, &fresh, turn).await?);
+            existing.extend(
+                self.fetch_existing_except(&again, &fresh, novelty, turn)
+                    .await?,
+            );
         };
         // Field names like "c.d" or "$x" need another form of update (rare: a key scan).
         let names = crate::apply::LiteralNames::collect(&existing, &changes);
@@ -422,7 +444,7 @@ impl Pipeline {
         self.references.before_writes(&plan, &unresolved).await?;
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
-        let guards = |writes: &[PlannedWrite]| -> Vec<Option<mongodb::bson::Timestamp>> {
+        let guards = |writes: &[PlannedWrite]| -> Vec<Option<Timestamp>> {
             writes
                 .iter()
                 .map(|w| w.changes.last().map(|&i| changes[i].cluster_time))
@@ -541,8 +563,15 @@ impl Pipeline {
         let attempts = std::sync::atomic::AtomicU32::new(0);
         let attempt = || async {
             self.check_fence()?;
-            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let before = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let ahead = looked_up.lock().map(|mut l| l.take()).unwrap_or(None);
+            // A failed attempt may have written part of the batch: the next one replays it,
+            // so it looks everything up (see `Novelty::may_have_applied`).
+            let novelty = if before == 0 {
+                novelty
+            } else {
+                Novelty::Unknown
+            };
             let apply = self.apply_batch(changes, origin, novelty, ahead, turn);
             tokio::pin!(apply);
             tokio::select! {
@@ -703,13 +732,16 @@ impl Pipeline {
         let loaded = self.ctx.checkpoints.load(&self.name).await.ok().flatten();
         // The changes after this moment were never applied by any run; the inserts among them
         // are new to staging (see `fresh_inserts`). A checkpoint saved at a clean stop says
-        // exactly where that is; otherwise (after a crash, a snapshot) it is production's time
-        // now, and the changes in between are looked up. Unknown: look everything up.
-        let resumes_exact =
-            matches!(start, StartAt::ResumeAfter(_)) && loaded.as_ref().is_some_and(|cp| cp.exact);
-        let replayed_until = match loaded.as_ref().and_then(|cp| cp.cluster_time) {
-            Some(t) if resumes_exact => Some(t),
-            _ => match self.ctx.production_time().await {
+        // where that is (`Checkpoint::horizon`); otherwise (after a crash, a snapshot) it is
+        // production's time now, and the changes in between are looked up. Unknown: look
+        // everything up.
+        let saved_horizon = loaded
+            .as_ref()
+            .and_then(|cp| cp.horizon)
+            .filter(|_| matches!(start, StartAt::ResumeAfter(_)));
+        let replayed_until = match saved_horizon {
+            Some(t) => Some(t),
+            None => match self.ctx.production_time().await {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::debug!(collection = %self.name, error = %e, "production's time is unknown; every change is looked up");
@@ -858,30 +890,58 @@ impl Pipeline {
         drop(rx);
         reader_stop.cancel();
         let _ = reader.await;
-        match (pending, result) {
-            // A batch abandoned half-way may have written part of itself past the position.
-            (Some(cp), Ok(())) if abandoned => {
-                self.save_checkpoint(&cp, shutdown).await.map(|_| ())
-            }
-            // Stopped between batches, past every change an earlier run may have applied:
-            // everything up to the position is applied and nothing after it, which the next
-            // run can rely on (`Checkpoint::exact`).
-            (_, Ok(()))
-                if past_horizon
-                    || replayed_until.is_some_and(|t| {
-                        position
-                            .cluster_time
-                            .is_some_and(|p| (p.time, p.increment) >= (t.time, t.increment))
-                    }) =>
-            {
-                let exact = Checkpoint {
-                    exact: true,
+        match result {
+            Err(e) => Err(e),
+            // A batch abandoned half-way may have written part of itself past the position:
+            // the position is saved without a horizon.
+            Ok(()) if abandoned => match pending {
+                Some(cp) => self.save_checkpoint(&cp, shutdown).await.map(|_| ()),
+                None => Ok(()),
+            },
+            // Stopped between batches: this run applied every change up to the position and
+            // none after it, earlier runs none after `replayed_until` (a stream caught up with
+            // the present has no change between the two), which the next run can rely on.
+            Ok(()) => {
+                let horizon = stop_horizon(position.cluster_time, replayed_until, past_horizon);
+                if horizon.is_none() && pending.is_none() {
+                    return Ok(());
+                }
+                let stopped = Checkpoint {
+                    horizon,
                     ..position
                 };
-                self.save_checkpoint(&exact, shutdown).await.map(|_| ())
+                self.save_checkpoint(&stopped, shutdown).await.map(|_| ())
             }
-            (_, result) => result,
         }
+    }
+}
+
+/// Which pass over a batch [`Pipeline::plan_and_write`] makes.
+#[derive(Clone, Copy)]
+enum Pass<'a> {
+    /// The batch: the documents in `fresh` (new by `novelty`) are written without a look-up,
+    /// and writes refused with a duplicate key are set aside for the second pass.
+    First { fresh: &'a Fresh, novelty: Novelty },
+    /// The changes set aside, alone, once the rest of the batch is written: everything is
+    /// looked up, as for a possible replay, and a refusal is final.
+    Second,
+}
+
+/// [`Checkpoint::horizon`] at a clean stop: no run applied a change after it. This run applied
+/// changes up to `position` only; earlier ones none after `replayed_until`. Without the
+/// latter, only a stream that caught up with the present (`caught_up`: no change between the
+/// two) can say it.
+fn stop_horizon(
+    position: Option<Timestamp>,
+    replayed_until: Option<Timestamp>,
+    caught_up: bool,
+) -> Option<Timestamp> {
+    let key = |t: &Timestamp| (t.time, t.increment);
+    match (position, replayed_until) {
+        (Some(p), Some(h)) => Some(std::cmp::max_by_key(p, h, key)),
+        (None, h) => h,
+        (p, None) if caught_up => p,
+        (Some(_), None) => None,
     }
 }
 
@@ -899,7 +959,7 @@ fn position_checkpoint(batch: &Batch, previous: &Checkpoint) -> Checkpoint {
         wall_time: p.wall_time.or(previous.wall_time),
         saved_at: None,
         snapshot: None,
-        exact: false,
+        horizon: None,
     }
 }
 
@@ -910,5 +970,28 @@ fn staging_code(code: i32, message: &str) -> String {
         121 => "validation_failed".into(),
         _ if crate::apply::is_size_error(code, message) => "document_too_large".into(),
         other => format!("staging_error_{other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(time: u32) -> Timestamp {
+        Timestamp { time, increment: 1 }
+    }
+
+    #[test]
+    fn a_clean_stop_says_no_change_after_the_later_of_its_position_and_its_start_was_applied() {
+        // Applied past the horizon it started with: its position.
+        assert_eq!(stop_horizon(Some(ts(9)), Some(ts(5)), false), Some(ts(9)));
+        // Saw no change after it (an idle stream, a stop right after opening): the horizon
+        // it started with still holds, whether or not it caught up with the present.
+        assert_eq!(stop_horizon(Some(ts(3)), Some(ts(5)), false), Some(ts(5)));
+        assert_eq!(stop_horizon(None, Some(ts(5)), false), Some(ts(5)));
+        // Production's time was unknown at the start: only a stream that caught up knows.
+        assert_eq!(stop_horizon(Some(ts(3)), None, true), Some(ts(3)));
+        assert_eq!(stop_horizon(Some(ts(3)), None, false), None);
+        assert_eq!(stop_horizon(None, None, true), None);
     }
 }

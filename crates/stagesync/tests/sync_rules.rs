@@ -542,7 +542,7 @@ async fn engine_ctx_save(
 }
 
 #[tokio::test]
-async fn a_clean_stop_marks_its_checkpoint_exact_and_the_next_run_writes_new_documents_blind() {
+async fn a_clean_stop_saves_a_horizon_and_the_next_run_writes_new_documents_blind() {
     let pair = Pair::start();
     let (_, config) = pair.config("", ORDERS);
     let prod = pair.prod().await.collection::<Document>("orders");
@@ -560,8 +560,8 @@ async fn a_clean_stop_marks_its_checkpoint_exact_and_the_next_run_writes_new_doc
         cp
     };
     assert!(
-        checkpoint(config.clone()).await.exact,
-        "a run stopped between batches says its position is exact"
+        checkpoint(config.clone()).await.horizon.is_some(),
+        "a run stopped between batches says where new changes start"
     );
 
     // While stopped: a staging-only document to adopt, and production inserts.
@@ -590,19 +590,74 @@ async fn a_clean_stop_marks_its_checkpoint_exact_and_the_next_run_writes_new_doc
     // checkpoint says they are new); staging refused the one whose key it held, which then
     // adopted through the slow path.
     assert_eq!(insert_fallbacks(&again), 1);
-    // The running stream's checkpoints are not exact (a crash now would leave changes applied
-    // past them).
+    // The running stream's checkpoints carry no horizon (a crash now would leave changes
+    // applied past them).
     let cfg = config.clone();
     eventually(
-        "the opening checkpoint clears `exact`",
+        "the opening checkpoint clears `horizon`",
         Duration::from_secs(30),
         || {
             let cfg = cfg.clone();
-            async move { !checkpoint(cfg).await.exact }
+            async move { checkpoint(cfg).await.horizon.is_none() }
         },
     )
     .await;
     assert_eq!(all_docs(&staging).await.len(), 3);
+    again.stop().await.unwrap();
+}
+
+/// A run stopped right after its stream opened, before it saw any change (a deploy that
+/// restarts at once, the bench's backlog set-up), still tells the next run where new changes
+/// start: the horizon it started with.
+#[tokio::test]
+async fn a_run_stopped_before_it_saw_a_change_still_lets_the_next_run_write_new_documents_blind() {
+    let pair = Pair::start();
+    let (_, config) = pair.config("", ORDERS);
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let staging = pair.staging().await.collection::<Document>("orders");
+    let checkpoint = |config: std::sync::Arc<stagesync::config::Config>| async move {
+        let ctx = stagesync::context::Context::connect(config).await.unwrap();
+        let cp = ctx.checkpoints.load("orders").await.unwrap();
+        ctx.shutdown().await;
+        cp
+    };
+    let engine = Engine::start(config.clone()).await;
+    let cfg = config.clone();
+    eventually("the stream to open", Duration::from_secs(60), || {
+        let cfg = cfg.clone();
+        async move { checkpoint(cfg).await.is_some_and(|c| c.token.is_some()) }
+    })
+    .await;
+    engine.stop().await.unwrap();
+    assert!(
+        checkpoint(config.clone())
+            .await
+            .is_some_and(|c| c.horizon.is_some()),
+        "a run stopped between batches says where new changes start, even having seen none"
+    );
+
+    staging
+        .insert_one(
+            doc! { "_id": "qa-1", "userEmail": "b@x.org", "accountId": 2, "qaNote": "mine" },
+        )
+        .await
+        .unwrap();
+    prod.insert_one(doc! { "_id": 2, "userEmail": "b@x.org", "accountId": 2, "total": 5 })
+        .await
+        .unwrap();
+    prod.insert_one(doc! { "_id": 3, "userEmail": "c@x.org", "accountId": 3 })
+        .await
+        .unwrap();
+    let again = Engine::start(config.clone()).await;
+    let adopted = staging_doc_where(&staging, key("b@x.org", 2), "adopted", |d| {
+        d.get_i32("total") == Ok(5)
+    })
+    .await;
+    assert_eq!(adopted.get_str("_id").unwrap(), "qa-1");
+    staging_doc_where(&staging, key("c@x.org", 3), "inserted", |_| true).await;
+    // Written blind: staging refused the insert onto the held key, which then adopted.
+    assert_eq!(insert_fallbacks(&again), 1);
+    assert_eq!(all_docs(&staging).await.len(), 2);
     again.stop().await.unwrap();
 }
 

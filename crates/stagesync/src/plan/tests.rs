@@ -406,11 +406,12 @@ fn lookups_skip_keys_of_updates_that_keep_them() {
         doc! { "email": { "$in": ["b", "c"] }, "acct": { "$in": [1, 2] } }
     );
     assert_eq!(
-        r.owner_filters(&changes, &Fresh::new()).unwrap(),
-        [
+        r.owner_filters(&changes, &Fresh::new(), Novelty::Unknown)
+            .unwrap(),
+        (
             doc! { "_sync.id": { "$in": [1, 2, 3] } },
-            doc! { "_sync.prior.id": { "$in": [1, 2, 3] } },
-        ]
+            Some(doc! { "_sync.prior.id": { "$in": [1, 2, 3] } }),
+        )
     );
     // Production `_id` 1's document holds `_id` 1 itself: no other document can.
     let own = doc! { "_id": 1, "email": "a", "acct": 1, "_sync": { "id": 1 } };
@@ -472,13 +473,20 @@ fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
     assert_eq!(fresh, ids(&[2, 6]));
     // Without a horizon (snapshot, replay, unknown start) everything is looked up.
     assert!(fresh_inserts(&r, &changes, Novelty::Unknown).is_empty());
-    // The new documents are in neither look-up; the others are.
+    // The new documents are in neither look-up; the others are looked up by owner, and only
+    // the one whose change may be a replay (at the horizon) by former owner.
+    let novelty = Novelty::InsertsAfter(ts(5));
     assert_eq!(
-        r.owner_filters(&changes, &fresh).unwrap(),
-        [
+        r.owner_filters(&changes, &fresh, novelty).unwrap(),
+        (
             doc! { "_sync.id": { "$in": [1, 3, 4, 5] } },
-            doc! { "_sync.prior.id": { "$in": [1, 3, 4, 5] } },
-        ]
+            Some(doc! { "_sync.prior.id": { "$in": [1] } }),
+        )
+    );
+    // A batch all after the horizon sends no former-owner look-up at all.
+    assert_eq!(
+        r.owner_filters(&changes[1..], &fresh, novelty).unwrap(),
+        (doc! { "_sync.id": { "$in": [3, 4, 5] } }, None)
     );
     // Staging documents holding the `_id` a new document would take.
     assert_eq!(
@@ -493,7 +501,9 @@ fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
     // A batch of nothing but new documents needs no look-up at all.
     let all_new = vec![change(Op::Insert, 9, d(9, "z"), 6)];
     let fresh = fresh_inserts(&r, &all_new, Novelty::InsertsAfter(ts(5)));
-    assert!(r.owner_filters(&all_new, &fresh).is_none());
+    assert!(r
+        .owner_filters(&all_new, &fresh, Novelty::InsertsAfter(ts(5)))
+        .is_none());
     assert!(r.id_holder_filter(&all_new, &fresh, &[]).is_none());
     assert!(r.keys_to_look_up(&all_new, &[], &fresh).is_empty());
     // A first snapshot: every document it copies (as a replace) is new.
@@ -1250,10 +1260,22 @@ proptest! {
 /// The staging documents the pipeline's two look-ups return for a batch
 /// (`Pipeline::fetch_existing`): by recorded production `_id` (current or prior), then by the
 /// business keys still needed — leaving out the documents known to be new.
-fn looked_up(staging: &[Document], changes: &[Change], fresh: &Fresh) -> Vec<Document> {
+fn looked_up(
+    staging: &[Document],
+    changes: &[Change],
+    fresh: &Fresh,
+    novelty: Novelty,
+) -> Vec<Document> {
     let r = rules();
     let ids: std::collections::HashSet<Vec<u8>> = changes
         .iter()
+        .map(|c| canonical(&c.prod_id))
+        .filter(|id| !fresh.contains(id))
+        .collect();
+    // Former owners only of the `_id`s with a change some run may have applied.
+    let replayable: std::collections::HashSet<Vec<u8>> = changes
+        .iter()
+        .filter(|c| novelty.may_have_applied(c))
         .map(|c| canonical(&c.prod_id))
         .filter(|id| !fresh.contains(id))
         .collect();
@@ -1267,7 +1289,7 @@ fn looked_up(staging: &[Document], changes: &[Change], fresh: &Fresh) -> Vec<Doc
         let prior = meta.get_array("prior").is_ok_and(|p| {
             p.iter()
                 .filter_map(|e| e.as_document()?.get("id"))
-                .any(|id| ids.contains(&canonical(id)))
+                .any(|id| replayable.contains(&canonical(id)))
         });
         current || prior
     };
@@ -1360,6 +1382,101 @@ fn apply_step_refusing(staging: &mut Vec<Document>, writes: &[PlannedWrite]) -> 
     refused
 }
 
+/// See `a_batch_retried_after_its_reply_was_lost_ends_where_one_attempt_does`.
+fn retry_changes_nothing(
+    ops: &[GenOp],
+    seeded: bool,
+    cuts: &[usize],
+    failing: usize,
+) -> Result<(), TestCaseError> {
+    let changes = to_changes(
+        ops,
+        Emit {
+            unique_keys: true,
+            read_late: false,
+        },
+    );
+    prop_assume!(!changes.is_empty());
+    let seed = seed_docs(seeded);
+    // A change staging refuses (dead-lettered) is not applied: a retry may apply it, once
+    // whatever refused it has moved. That is not a replay, so such runs are left out.
+    prop_assume!(stepwise(&changes, &seed).1.is_empty());
+    let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (changes.len() + 1)).collect();
+    bounds.extend([0, changes.len()]);
+    bounds.sort_unstable();
+    bounds.dedup();
+    let batches: Vec<&[Change]> = bounds.windows(2).map(|w| &changes[w[0]..w[1]]).collect();
+    // The stream opened before every change: all of them are new to staging.
+    let novelty = Novelty::InsertsAfter(Timestamp {
+        time: 0,
+        increment: 0,
+    });
+    let failing = failing % batches.len();
+    let run = |fail: bool| {
+        let mut staging = seed.clone();
+        for (i, b) in batches.iter().enumerate() {
+            let novelty = if fail && i == failing {
+                attempt_with_reply_lost(&mut staging, b, novelty);
+                Novelty::Unknown
+            } else {
+                novelty
+            };
+            pipeline_batch(&mut staging, b, novelty, None, 0, &mut |_| {});
+        }
+        normalized(staging)
+    };
+    prop_assert_eq!(
+        run(true),
+        run(false),
+        "changes: {:?}; cuts: {:?}; batch {} retried",
+        changes,
+        bounds,
+        failing
+    );
+    Ok(())
+}
+
+/// The look-ups and plan of a batch before anything is written (`Pipeline::plan_and_write`):
+/// new documents the plan cannot write blind are looked up and the batch planned again.
+fn planned(
+    staging: &[Document],
+    changes: &[Change],
+    novelty: Novelty,
+    looked_up_ahead: Option<Vec<Document>>,
+) -> (Vec<Document>, Plan) {
+    let r = rules();
+    let mut fresh = fresh_inserts(&r, changes, novelty);
+    let mut existing =
+        looked_up_ahead.unwrap_or_else(|| looked_up(staging, changes, &fresh, novelty));
+    loop {
+        let plan = plan_batch(&r, changes, existing.clone(), DateTime::from_millis(5));
+        let unsure = unsure_fresh(changes, &plan.outcomes, &fresh);
+        if unsure.is_empty() {
+            return (existing, plan);
+        }
+        fresh.retain(|id| !unsure.contains(id));
+        let again: Vec<Change> = changes
+            .iter()
+            .filter(|c| unsure.contains(&canonical(&c.prod_id)))
+            .cloned()
+            .collect();
+        existing.extend(looked_up(staging, &again, &fresh, novelty));
+    }
+}
+
+/// The first attempt of a batch whose writes all land but whose reply is lost: its look-ups,
+/// plan, temporary key moves and final writes, and no second pass for what staging refused
+/// (the pipeline never learns of it; the retry plans those changes again).
+///
+/// An attempt that stops half-way through its final writes is not modelled: the retry then
+/// starts from a state no order of production's changes produces, and in some key rotations
+/// it refuses (dead-letters) a change one attempt applies.
+fn attempt_with_reply_lost(staging: &mut Vec<Document>, changes: &[Change], novelty: Novelty) {
+    let (_, plan) = planned(staging, changes, novelty, None);
+    apply_step(staging, &plan.vacate);
+    apply_step_refusing(staging, &plan.writes);
+}
+
 /// One stream batch through the pipeline's path: look-ups (new documents left out, or made
 /// ahead and corrected), plan, temporary key moves, final writes; the changes of writes refused
 /// with a duplicate key are planned once more with every look-up (`Pipeline::apply_batch`).
@@ -1378,22 +1495,7 @@ fn pipeline_batch(
     ahead: &mut dyn FnMut(&[Document]),
 ) -> Touched {
     let r = rules();
-    let mut fresh = fresh_inserts(&r, changes, novelty);
-    let mut existing = looked_up_ahead.unwrap_or_else(|| looked_up(staging, changes, &fresh));
-    let plan = loop {
-        let plan = plan_batch(&r, changes, existing.clone(), DateTime::from_millis(5));
-        let unsure = unsure_fresh(changes, &plan.outcomes, &fresh);
-        if unsure.is_empty() {
-            break plan;
-        }
-        fresh.retain(|id| !unsure.contains(id));
-        let again: Vec<Change> = changes
-            .iter()
-            .filter(|c| unsure.contains(&canonical(&c.prod_id)))
-            .cloned()
-            .collect();
-        existing.extend(looked_up(staging, &again, &fresh));
-    };
+    let (existing, plan) = planned(staging, changes, novelty, looked_up_ahead);
     let mut touched = Touched::default();
     touched.record(&r, changes, &existing, &plan);
     let at = pause % (plan.writes.len() + 3);
@@ -1418,7 +1520,7 @@ fn pipeline_batch(
     again.sort_unstable();
     if !again.is_empty() {
         let retry: Vec<Change> = again.iter().map(|&i| changes[i].clone()).collect();
-        let existing = looked_up(staging, &retry, &Fresh::new());
+        let existing = looked_up(staging, &retry, &Fresh::new(), Novelty::Unknown);
         let plan = plan_batch(&r, &retry, existing.clone(), DateTime::from_millis(5));
         touched.record(&r, &retry, &existing, &plan);
         apply_step(staging, &plan.vacate);
@@ -1452,7 +1554,7 @@ fn run_stream(
                 .cloned()
                 .collect();
             let fresh = fresh_inserts(&r, changes, novelty);
-            found.extend(looked_up(staging, &again, &fresh));
+            found.extend(looked_up(staging, &again, &fresh, novelty));
             found
         });
         let next = batches.get(i + 1).filter(|_| overlap);
@@ -1460,7 +1562,7 @@ fn run_stream(
         let mut look_up_next = |now: &[Document]| {
             if let Some(next) = next {
                 let fresh = fresh_inserts(&r, next, novelty);
-                found_next = Some(looked_up(now, next, &fresh));
+                found_next = Some(looked_up(now, next, &fresh, novelty));
             }
         };
         let pause = pauses.get(i).copied().unwrap_or(0);
@@ -1740,6 +1842,24 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..4),
     ) {
         blind_snapshot_changes_nothing(&docs, holders, &cuts)?;
+    }
+
+    /// A batch retried after an attempt whose writes all landed but whose reply was lost (a
+    /// connection dropped, a write concern not met in time) ends where one attempt does: the
+    /// retry looks everything up, former owners included (`Pipeline::apply_with_retry`), so the
+    /// changes the first attempt applied — those an adoption recorded in `_sync.prior` too —
+    /// are no-ops. Retried with the stream's novelty instead, it fails: a former owner's
+    /// change after the horizon would not find the `prior` record saying it was applied.
+    /// (Runs where staging refuses a change are left out: a retry may apply what one attempt
+    /// refused.)
+    #[test]
+    fn a_batch_retried_after_its_reply_was_lost_ends_where_one_attempt_does(
+        ops in prop::collection::vec(gen_op(), 1..24),
+        seeded in any::<bool>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..4),
+        failing in any::<usize>(),
+    ) {
+        retry_changes_nothing(&ops, seeded, &cuts, failing)?;
     }
 
     /// Looking a batch up while the one before it is being written, then dropping what that
