@@ -1990,7 +1990,14 @@ fn proc_cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
 }
 
 /// (busy, total) jiffies of the whole machine.
+/// The machine's busy and total jiffies from `/proc/stat`, busy including `steal`: time a
+/// virtual machine's cores were ready to run but the hypervisor ran something else.
 fn machine_jiffies() -> Option<(u64, u64)> {
+    machine_jiffies_with_steal().map(|(busy, total, _)| (busy, total))
+}
+
+/// [`machine_jiffies`] and the steal jiffies apart.
+fn machine_jiffies_with_steal() -> Option<(u64, u64, u64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let line = text.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line
@@ -2000,14 +2007,15 @@ fn machine_jiffies() -> Option<(u64, u64)> {
         .collect();
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Some((total.saturating_sub(idle), total))
+    let steal = v.get(7).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total, steal))
 }
 
 #[derive(Debug, Clone)]
 struct CpuSnapshot {
     at: Instant,
     per_process: Vec<(&'static str, Option<f64>)>,
-    machine: Option<(u64, u64)>,
+    machine: Option<(u64, u64, u64)>,
 }
 
 impl CpuSnapshot {
@@ -2018,7 +2026,7 @@ impl CpuSnapshot {
                 .iter()
                 .map(|(n, p)| (*n, p.and_then(|p| proc_cpu_secs(p, ticks))))
                 .collect(),
-            machine: machine_jiffies(),
+            machine: machine_jiffies_with_steal(),
         }
     }
 }
@@ -2028,8 +2036,11 @@ impl CpuSnapshot {
 struct CpuUse {
     wall_secs: f64,
     per_process: Vec<(&'static str, f64)>,
-    /// Share of all cores busy (0–1).
+    /// Share of all cores busy (0–1), steal included.
     machine_busy: Option<f64>,
+    /// Share of all cores stolen by the hypervisor (0–1): the host was busy elsewhere, and
+    /// every process here ran slower than its own CPU use says.
+    machine_steal: Option<f64>,
     cores: usize,
 }
 
@@ -2041,16 +2052,18 @@ impl CpuUse {
             .zip(&b.per_process)
             .filter_map(|((name, x), (_, y))| Some((*name, (y.as_ref()? - x.as_ref()?).max(0.0))))
             .collect();
-        let machine_busy = match (a.machine, b.machine) {
-            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
-                Some((b1 - b0) as f64 / (t1 - t0) as f64)
-            }
-            _ => None,
+        let (machine_busy, machine_steal) = match (a.machine, b.machine) {
+            (Some((b0, t0, s0)), Some((b1, t1, s1))) if t1 > t0 => (
+                Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64),
+                Some(s1.saturating_sub(s0) as f64 / (t1 - t0) as f64),
+            ),
+            _ => (None, None),
         };
         CpuUse {
             wall_secs: b.at.duration_since(a.at).as_secs_f64(),
             per_process,
             machine_busy,
+            machine_steal,
             cores: cores(),
         }
     }
@@ -4187,6 +4200,12 @@ fn cpu_summary(cpu: &CpuUse) -> String {
             busy * 100.0,
             cpu.cores
         ));
+        if let Some(steal) = cpu.machine_steal.filter(|s| *s >= 0.01) {
+            parts.push(format!(
+                "of which {:.0} % stolen by the hypervisor (the host was busy elsewhere: every figure of this phase is low)",
+                steal * 100.0
+            ));
+        }
     }
     format!("over {:.1} s: {}", cpu.wall_secs, parts.join(", "))
 }
