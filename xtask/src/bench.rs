@@ -371,19 +371,7 @@ pub async fn command(args: BenchArgs, exe: PathBuf) -> anyhow::Result<i32> {
     let catch_up = catch_up(&env, sizes.backlog)
         .await
         .context("item 7 (backlog catch-up)")?;
-    match catch_up.rate() {
-        Some(rate) => println!(
-            "  in sync (checked) {:.2} s after the restart: {rate:.0} changes/s = {:.2}× the oracle; CPU per change: \
-             staging {}, stagesync {}, production {}; peak RSS {:.1} MiB",
-            catch_up.synced_secs.unwrap_or(0.0),
-            rate / oracle.rate.per_sec(),
-            us(catch_up.us_per_change("staging server")),
-            us(catch_up.us_per_change("stagesync run")),
-            us(catch_up.us_per_change("production server")),
-            kib_to_mib(catch_up.peak_rss_kb)
-        ),
-        None => println!("  NOT in sync within the deadline: {}", catch_up.detail),
-    }
+    println!("  {}", catch_up_line(&catch_up, &oracle));
 
     println!(
         "\n[8/9] max_writes_per_second = {RATE_LIMIT}: {} s run on an insert burst",
@@ -495,23 +483,32 @@ async fn catch_up_bench(env: &Env, n: u64, repeat: u32) -> anyhow::Result<()> {
     for round in 1..=repeat {
         println!("\n[{round}/{repeat}] oracle, then backlog catch-up, {n} changes each");
         let oracle = oracle(env, n).await.context("oracle")?;
+        println!(
+            "  oracle {:.0} writes/s, staging CPU {} per write",
+            oracle.rate.per_sec(),
+            us(oracle.staging_us_per_write())
+        );
         let c = catch_up(env, n).await.context("backlog catch-up")?;
-        match c.rate() {
-            Some(rate) => println!(
-                "  oracle {:.0} writes/s (staging {} per write); catch-up {rate:.0} changes/s = {:.2}× the oracle; \
-                 CPU per change: staging {}, stagesync {}, production {}; peak RSS {:.1} MiB",
-                oracle.rate.per_sec(),
-                us(oracle.staging_us_per_write()),
-                rate / oracle.rate.per_sec(),
-                us(c.us_per_change("staging server")),
-                us(c.us_per_change("stagesync run")),
-                us(c.us_per_change("production server")),
-                kib_to_mib(c.peak_rss_kb)
-            ),
-            None => println!("  NOT in sync within the deadline: {}", c.detail),
-        }
+        println!("  {}", catch_up_line(&c, &oracle));
     }
     Ok(())
+}
+
+/// Item 7's printed line: the catch-up's rate next to the oracle's, CPU per change by process.
+fn catch_up_line(c: &CatchUpResult, oracle: &OracleResult) -> String {
+    match c.rate() {
+        Some(rate) => format!(
+            "in sync (checked) {:.2} s after the restart: {rate:.0} changes/s = {:.2}× the oracle; CPU per change: \
+             staging {}, stagesync {}, production {}; peak RSS {:.1} MiB",
+            c.synced_secs.unwrap_or(0.0),
+            rate / oracle.rate.per_sec(),
+            us(c.us_per_change("staging server")),
+            us(c.us_per_change("stagesync run")),
+            us(c.us_per_change("production server")),
+            kib_to_mib(c.peak_rss_kb)
+        ),
+        None => format!("NOT in sync within the deadline: {}", c.detail),
+    }
 }
 
 async fn snapshot_bench(

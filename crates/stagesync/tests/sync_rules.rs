@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::{all_docs, eventually, find_by, staging_doc_where, Engine, Pair, ORDERS};
 use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::Collection;
 
 fn key(email: &str, account: i32) -> Document {
     doc! { "userEmail": email, "accountId": account }
@@ -541,30 +542,25 @@ async fn engine_ctx_save(
     ctx.checkpoints.save("orders", cp, None).await.unwrap();
 }
 
-#[tokio::test]
-async fn a_clean_stop_saves_a_horizon_and_the_next_run_writes_new_documents_blind() {
-    let pair = Pair::start();
-    let (_, config) = pair.config("", ORDERS);
-    let prod = pair.prod().await.collection::<Document>("orders");
-    let staging = pair.staging().await.collection::<Document>("orders");
-    let engine = Engine::start(config.clone()).await;
-    prod.insert_one(doc! { "_id": 1, "userEmail": "a@x.org", "accountId": 1 })
-        .await
-        .unwrap();
-    staging_doc_where(&staging, key("a@x.org", 1), "synced", |_| true).await;
-    engine.stop().await.unwrap();
-    let checkpoint = |config: std::sync::Arc<stagesync::config::Config>| async move {
-        let ctx = stagesync::context::Context::connect(config).await.unwrap();
-        let cp = ctx.checkpoints.load("orders").await.unwrap().unwrap();
-        ctx.shutdown().await;
-        cp
-    };
-    assert!(
-        checkpoint(config.clone()).await.horizon.is_some(),
-        "a run stopped between batches says where new changes start"
-    );
+/// The checkpoint of `orders`, read with a context of its own.
+async fn orders_checkpoint(
+    config: std::sync::Arc<stagesync::config::Config>,
+) -> Option<stagesync::checkpoint::Checkpoint> {
+    let ctx = stagesync::context::Context::connect(config).await.unwrap();
+    let cp = ctx.checkpoints.load("orders").await.unwrap();
+    ctx.shutdown().await;
+    cp
+}
 
-    // While stopped: a staging-only document to adopt, and production inserts.
+/// With stagesync stopped after a clean stop: a staging-only document to adopt by key (`b`),
+/// and two production inserts (`b`, `c`). Started again, it must write them without looking
+/// them up: staging refuses the insert onto the held key, which then adopts through the slow
+/// path (one insert fallback), and the other is inserted. Returns the running engine.
+async fn started_after_inserts_while_stopped(
+    config: &std::sync::Arc<stagesync::config::Config>,
+    prod: &Collection<Document>,
+    staging: &Collection<Document>,
+) -> Engine {
     staging
         .insert_one(
             doc! { "_id": "qa-1", "userEmail": "b@x.org", "accountId": 2, "qaNote": "mine" },
@@ -577,19 +573,42 @@ async fn a_clean_stop_saves_a_horizon_and_the_next_run_writes_new_documents_blin
     prod.insert_one(doc! { "_id": 3, "userEmail": "c@x.org", "accountId": 3 })
         .await
         .unwrap();
-
     let again = Engine::start(config.clone()).await;
-    let adopted = staging_doc_where(&staging, key("b@x.org", 2), "adopted", |d| {
+    let adopted = staging_doc_where(staging, key("b@x.org", 2), "adopted", |d| {
         d.get_i32("total") == Ok(5)
     })
     .await;
     assert_eq!(adopted.get_str("_id").unwrap(), "qa-1");
     assert_eq!(adopted.get_str("qaNote").unwrap(), "mine");
-    staging_doc_where(&staging, key("c@x.org", 3), "inserted", |_| true).await;
-    // The inserts made while stopped were written without looking them up (the exact
-    // checkpoint says they are new); staging refused the one whose key it held, which then
-    // adopted through the slow path.
-    assert_eq!(insert_fallbacks(&again), 1);
+    staging_doc_where(staging, key("c@x.org", 3), "inserted", |_| true).await;
+    assert_eq!(
+        insert_fallbacks(&again),
+        1,
+        "the inserts were written blind; the one onto a held key fell back and adopted"
+    );
+    again
+}
+
+#[tokio::test]
+async fn a_clean_stop_saves_a_horizon_and_the_next_run_writes_new_documents_blind() {
+    let pair = Pair::start();
+    let (_, config) = pair.config("", ORDERS);
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let staging = pair.staging().await.collection::<Document>("orders");
+    let engine = Engine::start(config.clone()).await;
+    prod.insert_one(doc! { "_id": 1, "userEmail": "a@x.org", "accountId": 1 })
+        .await
+        .unwrap();
+    staging_doc_where(&staging, key("a@x.org", 1), "synced", |_| true).await;
+    engine.stop().await.unwrap();
+    assert!(
+        orders_checkpoint(config.clone())
+            .await
+            .is_some_and(|c| c.horizon.is_some()),
+        "a run stopped between batches says where new changes start"
+    );
+
+    let again = started_after_inserts_while_stopped(&config, &prod, &staging).await;
     // The running stream's checkpoints carry no horizon (a crash now would leave changes
     // applied past them).
     let cfg = config.clone();
@@ -598,7 +617,11 @@ async fn a_clean_stop_saves_a_horizon_and_the_next_run_writes_new_documents_blin
         Duration::from_secs(30),
         || {
             let cfg = cfg.clone();
-            async move { checkpoint(cfg).await.horizon.is_none() }
+            async move {
+                orders_checkpoint(cfg)
+                    .await
+                    .is_some_and(|c| c.horizon.is_none())
+            }
         },
     )
     .await;
@@ -615,48 +638,26 @@ async fn a_run_stopped_before_it_saw_a_change_still_lets_the_next_run_write_new_
     let (_, config) = pair.config("", ORDERS);
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
-    let checkpoint = |config: std::sync::Arc<stagesync::config::Config>| async move {
-        let ctx = stagesync::context::Context::connect(config).await.unwrap();
-        let cp = ctx.checkpoints.load("orders").await.unwrap();
-        ctx.shutdown().await;
-        cp
-    };
     let engine = Engine::start(config.clone()).await;
     let cfg = config.clone();
     eventually("the stream to open", Duration::from_secs(60), || {
         let cfg = cfg.clone();
-        async move { checkpoint(cfg).await.is_some_and(|c| c.token.is_some()) }
+        async move {
+            orders_checkpoint(cfg)
+                .await
+                .is_some_and(|c| c.token.is_some())
+        }
     })
     .await;
     engine.stop().await.unwrap();
     assert!(
-        checkpoint(config.clone())
+        orders_checkpoint(config.clone())
             .await
             .is_some_and(|c| c.horizon.is_some()),
         "a run stopped between batches says where new changes start, even having seen none"
     );
 
-    staging
-        .insert_one(
-            doc! { "_id": "qa-1", "userEmail": "b@x.org", "accountId": 2, "qaNote": "mine" },
-        )
-        .await
-        .unwrap();
-    prod.insert_one(doc! { "_id": 2, "userEmail": "b@x.org", "accountId": 2, "total": 5 })
-        .await
-        .unwrap();
-    prod.insert_one(doc! { "_id": 3, "userEmail": "c@x.org", "accountId": 3 })
-        .await
-        .unwrap();
-    let again = Engine::start(config.clone()).await;
-    let adopted = staging_doc_where(&staging, key("b@x.org", 2), "adopted", |d| {
-        d.get_i32("total") == Ok(5)
-    })
-    .await;
-    assert_eq!(adopted.get_str("_id").unwrap(), "qa-1");
-    staging_doc_where(&staging, key("c@x.org", 3), "inserted", |_| true).await;
-    // Written blind: staging refused the insert onto the held key, which then adopted.
-    assert_eq!(insert_fallbacks(&again), 1);
+    let again = started_after_inserts_while_stopped(&config, &prod, &staging).await;
     assert_eq!(all_docs(&staging).await.len(), 2);
     again.stop().await.unwrap();
 }

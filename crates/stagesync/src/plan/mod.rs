@@ -115,8 +115,7 @@ impl Rules {
     /// former owners of `_id`s whose changes `novelty` says no run applied yet: a `prior`
     /// record only ever tells a change is stale ([`Novelty::may_have_applied`]), and the
     /// document carrying it, when the batch needs it for its key, is found by key. In a stream
-    /// that is every change after its opening: the second query is then not sent at all (it
-    /// cost staging about a sixth of its CPU in a backlog catch-up).
+    /// that is every change after its horizon: the second query is then not sent at all.
     pub fn owner_filters(
         &self,
         changes: &[Change],
