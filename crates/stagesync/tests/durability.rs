@@ -9,31 +9,12 @@ use std::time::{Duration, Instant};
 
 use common::{
     all_docs, change_times, eventually, find_by, staging_doc_where, wait_until_stream_passes,
-    Engine, Pair, RedisServer, RunProcess, ORDERS,
+    wait_until_streaming, Engine, Pair, RedisServer, RunProcess, ORDERS,
 };
 use mongodb::bson::{doc, Bson, Document};
-use stagesync::checkpoint::Checkpoint;
 
 fn key(email: &str, account: i32) -> Document {
     doc! { "userEmail": email, "accountId": account }
-}
-
-async fn checkpoint(config: &std::sync::Arc<stagesync::config::Config>) -> Option<Checkpoint> {
-    let ctx = stagesync::context::Context::connect(config.clone())
-        .await
-        .unwrap();
-    ctx.checkpoints.load("orders").await.unwrap()
-}
-
-/// Polls until the stream of `orders` has opened (its checkpoint holds a resume token).
-async fn wait_until_streaming(config: &std::sync::Arc<stagesync::config::Config>) {
-    eventually("the stream to open", Duration::from_secs(60), || async {
-        checkpoint(config)
-            .await
-            .map(|c| c.token.is_some())
-            .unwrap_or(false)
-    })
-    .await;
 }
 
 async fn corrupt_checkpoint(config: &std::sync::Arc<stagesync::config::Config>) {

@@ -4,7 +4,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{all_docs, eventually, find_by, staging_doc_where, Engine, Pair, ORDERS};
+use common::{
+    all_docs, eventually, find_by, orders_checkpoint, staging_doc_where, wait_until_streaming,
+    Engine, Pair, ORDERS,
+};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::Collection;
 
@@ -542,16 +545,6 @@ async fn engine_ctx_save(
     ctx.checkpoints.save("orders", cp, None).await.unwrap();
 }
 
-/// The checkpoint of `orders`, read with a context of its own.
-async fn orders_checkpoint(
-    config: std::sync::Arc<stagesync::config::Config>,
-) -> Option<stagesync::checkpoint::Checkpoint> {
-    let ctx = stagesync::context::Context::connect(config).await.unwrap();
-    let cp = ctx.checkpoints.load("orders").await.unwrap();
-    ctx.shutdown().await;
-    cp
-}
-
 /// With stagesync stopped after a clean stop: a staging-only document to adopt by key (`b`),
 /// and two production inserts (`b`, `c`). Started again, it must write them without looking
 /// them up: staging refuses the insert onto the held key, which then adopts through the slow
@@ -602,7 +595,7 @@ async fn a_clean_stop_saves_a_horizon_and_the_next_run_writes_new_documents_blin
     staging_doc_where(&staging, key("a@x.org", 1), "synced", |_| true).await;
     engine.stop().await.unwrap();
     assert!(
-        orders_checkpoint(config.clone())
+        orders_checkpoint(&config)
             .await
             .is_some_and(|c| c.horizon.is_some()),
         "a run stopped between batches says where new changes start"
@@ -611,17 +604,13 @@ async fn a_clean_stop_saves_a_horizon_and_the_next_run_writes_new_documents_blin
     let again = started_after_inserts_while_stopped(&config, &prod, &staging).await;
     // The running stream's checkpoints carry no horizon (a crash now would leave changes
     // applied past them).
-    let cfg = config.clone();
     eventually(
         "the opening checkpoint clears `horizon`",
         Duration::from_secs(30),
-        || {
-            let cfg = cfg.clone();
-            async move {
-                orders_checkpoint(cfg)
-                    .await
-                    .is_some_and(|c| c.horizon.is_none())
-            }
+        || async {
+            orders_checkpoint(&config)
+                .await
+                .is_some_and(|c| c.horizon.is_none())
         },
     )
     .await;
@@ -639,19 +628,10 @@ async fn a_run_stopped_before_it_saw_a_change_still_lets_the_next_run_write_new_
     let prod = pair.prod().await.collection::<Document>("orders");
     let staging = pair.staging().await.collection::<Document>("orders");
     let engine = Engine::start(config.clone()).await;
-    let cfg = config.clone();
-    eventually("the stream to open", Duration::from_secs(60), || {
-        let cfg = cfg.clone();
-        async move {
-            orders_checkpoint(cfg)
-                .await
-                .is_some_and(|c| c.token.is_some())
-        }
-    })
-    .await;
+    wait_until_streaming(&config).await;
     engine.stop().await.unwrap();
     assert!(
-        orders_checkpoint(config.clone())
+        orders_checkpoint(&config)
             .await
             .is_some_and(|c| c.horizon.is_some()),
         "a run stopped between batches says where new changes start, even having seen none"

@@ -464,3 +464,23 @@ pub async fn scrape(port: u16) -> String {
         .expect("/metrics answers")
         .1
 }
+
+/// The checkpoint of `orders`, read with a context of its own (shut down afterwards).
+pub async fn orders_checkpoint(config: &Arc<Config>) -> Option<stagesync::checkpoint::Checkpoint> {
+    let ctx = stagesync::context::Context::connect(config.clone())
+        .await
+        .unwrap();
+    let cp = ctx.checkpoints.load("orders").await.unwrap();
+    ctx.shutdown().await;
+    cp
+}
+
+/// Polls until the stream of `orders` has opened (its checkpoint holds a resume token).
+pub async fn wait_until_streaming(config: &Arc<Config>) {
+    eventually("the stream to open", Duration::from_secs(60), || async {
+        orders_checkpoint(config)
+            .await
+            .is_some_and(|c| c.token.is_some())
+    })
+    .await;
+}
