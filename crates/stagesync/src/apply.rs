@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::bson::{doc, Bson, Document, RawArrayBuf, RawDocumentBuf, Timestamp};
 use mongodb::Database;
 
 use crate::config::WriteConcernSetting;
@@ -27,6 +27,8 @@ const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
 /// `BSONObjectTooLarge`: the code a write refused for its size carries.
 pub const DOCUMENT_TOO_LARGE: i32 = 10334;
+/// `BadValue`: the code of a write refused because BSON cannot encode it.
+pub const BAD_VALUE: i32 = 2;
 /// Chunk size under `max_writes_per_second`: the token bucket's largest burst.
 const RATE_LIMITED_CHUNK: u32 = 100;
 
@@ -143,18 +145,21 @@ impl Applier {
         names: &LiteralNames,
     ) -> Result<Vec<WriteResult>> {
         let max = self.max_document_bytes().await;
-        let sizes: Vec<usize> = writes.iter().map(|w| approx_size(&w.op)).collect();
         let mut results = vec![WriteResult::Done; writes.len()];
-        let mut sendable = Vec::with_capacity(writes.len());
+        let mut statements = Vec::with_capacity(writes.len());
         for (i, w) in writes.iter().enumerate() {
-            match too_large(&w.op, sizes[i], max) {
-                Some(refused) => results[i] = refused,
-                None => sendable.push(i),
+            let guard = guards.get(i).copied().flatten();
+            match self.statement(w, guard, names, max) {
+                Ok(s) => statements.push(Some(s)),
+                Err(refused) => {
+                    results[i] = refused;
+                    statements.push(None);
+                }
             }
         }
-        let chunks = self.chunks(writes, &sizes, &sendable);
+        let chunks = self.chunks(writes, &statements);
         let outcomes: Vec<Result<Vec<(usize, WriteResult)>>> = stream::iter(chunks)
-            .map(|chunk| self.run_chunk_or_split(writes, guards, names, chunk))
+            .map(|chunk| self.run_chunk_or_split(writes, &statements, chunk))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
@@ -171,12 +176,11 @@ impl Applier {
     fn run_chunk_or_split<'a>(
         &'a self,
         writes: &'a [PlannedWrite],
-        guards: &'a [Option<Timestamp>],
-        names: &'a LiteralNames,
+        statements: &'a [Option<RawDocumentBuf>],
         chunk: Vec<usize>,
     ) -> futures::future::BoxFuture<'a, Result<Vec<(usize, WriteResult)>>> {
         Box::pin(async move {
-            let error = match self.run_chunk(writes, guards, names, chunk.clone()).await {
+            let error = match self.run_chunk(writes, statements, &chunk).await {
                 Ok(done) => return Ok(done),
                 Err(e) => e,
             };
@@ -208,38 +212,37 @@ impl Applier {
             }
             let (left, right) = chunk.split_at(chunk.len() / 2);
             let mut done = self
-                .run_chunk_or_split(writes, guards, names, left.to_vec())
+                .run_chunk_or_split(writes, statements, left.to_vec())
                 .await?;
             done.extend(
-                self.run_chunk_or_split(writes, guards, names, right.to_vec())
+                self.run_chunk_or_split(writes, statements, right.to_vec())
                     .await?,
             );
             Ok(done)
         })
     }
 
-    /// Groups the `sendable` write indices by command kind into chunks bounded in count and
-    /// size, spread over the concurrency.
+    /// Groups the encoded statements by command kind into chunks bounded in count and size.
     fn chunks(
         &self,
         writes: &[PlannedWrite],
-        sizes: &[usize],
-        sendable: &[usize],
+        statements: &[Option<RawDocumentBuf>],
     ) -> Vec<Vec<usize>> {
-        let per_kind = |kind: u8| -> Vec<usize> {
-            sendable
-                .iter()
-                .copied()
-                .filter(|&i| kind_of(&writes[i].op) == kind)
-                .collect()
-        };
         let mut chunks = Vec::new();
         for kind in 0..3u8 {
-            let idx = per_kind(kind);
+            let idx: Vec<usize> = (0..writes.len())
+                .filter(|&i| statements[i].is_some() && kind_of(&writes[i].op) == kind)
+                .collect();
             if idx.is_empty() {
                 continue;
             }
-            let spread = idx.len().div_ceil(self.concurrency).max(1);
+            // As few commands as the statement cap allows, filled evenly: each command costs
+            // staging a write and a wait for its write concern of its own, and concurrent
+            // update commands on one collection contend with each other (docs/BENCHMARKS.md,
+            // note 9). Commands of different kinds, and those of a kind too large for one,
+            // still run concurrently, up to `apply_concurrency`.
+            let commands = idx.len().div_ceil(MAX_STATEMENTS);
+            let spread = idx.len().div_ceil(commands);
             // With a rate limit, a chunk may not exceed the token bucket's burst.
             let cap = match &self.limiter {
                 Some(l) => spread.min(l.burst as usize),
@@ -248,7 +251,7 @@ impl Applier {
             let mut current = Vec::new();
             let mut bytes = 0usize;
             for i in idx {
-                let size = sizes[i];
+                let size = statements[i].as_ref().map_or(0, |s| s.as_bytes().len());
                 if !current.is_empty() && (current.len() >= cap || bytes + size > MAX_COMMAND_BYTES)
                 {
                     chunks.push(std::mem::take(&mut current));
@@ -262,6 +265,57 @@ impl Applier {
             }
         }
         chunks
+    }
+
+    /// The statement a write becomes in its command (the document of an `insert`, the
+    /// `{q, u}` of an `update`, the `{q, limit}` of a `delete`), encoded once: its exact size
+    /// decides the chunks, and the command copies its bytes instead of cloning the document.
+    /// `Err` is the write's own refusal: a document staging cannot hold or BSON cannot encode.
+    fn statement(
+        &self,
+        write: &PlannedWrite,
+        guard: Option<Timestamp>,
+        names: &LiteralNames,
+        max: usize,
+    ) -> std::result::Result<RawDocumentBuf, WriteResult> {
+        match &write.op {
+            WriteOp::Insert(d) => {
+                let raw = encode(d, "the document")?;
+                refuse_if_too_large("the document", raw.as_bytes().len(), max)?;
+                Ok(raw)
+            }
+            WriteOp::Update { id, set, unset } => {
+                let new_values = encode(set, "the update's new values")?;
+                // The document the update produces holds all of `$set`.
+                refuse_if_too_large("the update's new values", new_values.as_bytes().len(), max)?;
+                let literal = names.of(write, id);
+                if needs_pipeline(set, unset, &literal) {
+                    let q = self.guarded(id, guard);
+                    let u = pipeline_update(set, unset, &literal);
+                    return encode(&doc! { "q": q, "u": u, "upsert": false }, "the update");
+                }
+                let q = encode(&self.guarded(id, guard), "the update's filter")?;
+                let mut u = RawDocumentBuf::new();
+                if !set.is_empty() {
+                    u.append("$set", new_values);
+                }
+                if !unset.is_empty() {
+                    u.append("$unset", encode(unset, "the update's removed fields")?);
+                }
+                let mut statement = RawDocumentBuf::new();
+                statement.append("q", q);
+                statement.append("u", u);
+                statement.append("upsert", false);
+                Ok(statement)
+            }
+            WriteOp::Delete { id } => {
+                let q = encode(&self.guarded(id, guard), "the delete's filter")?;
+                let mut statement = RawDocumentBuf::new();
+                statement.append("q", q);
+                statement.append("limit", 1);
+                Ok(statement)
+            }
+        }
     }
 
     /// The filter of an update or delete: by `_id`, and only while staging's copy is older
@@ -283,9 +337,8 @@ impl Applier {
     async fn run_chunk(
         &self,
         writes: &[PlannedWrite],
-        guards: &[Option<Timestamp>],
-        names: &LiteralNames,
-        chunk: Vec<usize>,
+        statements: &[Option<RawDocumentBuf>],
+        chunk: &[usize],
     ) -> Result<Vec<(usize, WriteResult)>> {
         if let Some(l) = &self.limiter {
             if let Some(n) = NonZeroU32::new(chunk.len() as u32) {
@@ -293,36 +346,27 @@ impl Applier {
                 let _ = l.bucket.until_n_ready(n).await;
             }
         }
-        let command = match kind_of(&writes[chunk[0]].op) {
-            0 => doc! {
-                "insert": &self.collection,
-                "documents": chunk.iter().map(|&i| match &writes[i].op {
-                    WriteOp::Insert(d) => Bson::Document(d.clone()),
-                    _ => unreachable!("chunked by kind"),
-                }).collect::<Vec<_>>(),
-            },
-            1 => doc! {
-                "update": &self.collection,
-                "updates": chunk.iter().map(|&i| match &writes[i].op {
-                    WriteOp::Update { id, set, unset } => {
-                        let u = update_statement(set, unset, &names.of(&writes[i], id));
-                        Bson::Document(doc! { "q": self.guarded(id, guards.get(i).copied().flatten()), "u": u, "upsert": false })
-                    }
-                    _ => unreachable!("chunked by kind"),
-                }).collect::<Vec<_>>(),
-            },
-            _ => doc! {
-                "delete": &self.collection,
-                "deletes": chunk.iter().map(|&i| match &writes[i].op {
-                    WriteOp::Delete { id } => Bson::Document(doc! { "q": self.guarded(id, guards.get(i).copied().flatten()), "limit": 1 }),
-                    _ => unreachable!("chunked by kind"),
-                }).collect::<Vec<_>>(),
-            },
+        let (name, field) = match kind_of(&writes[chunk[0]].op) {
+            0 => ("insert", "documents"),
+            1 => ("update", "updates"),
+            _ => ("delete", "deletes"),
         };
-        let mut command = command;
-        command.insert("ordered", false);
-        command.insert("writeConcern", self.write_concern.clone());
-        let reply = match self.db.run_command(command).await {
+        let mut list = RawArrayBuf::new();
+        for s in chunk.iter().filter_map(|&i| statements[i].as_ref()) {
+            list.push(s.clone());
+        }
+        let mut command = RawDocumentBuf::new();
+        command.append(name, self.collection.as_str());
+        command.append(field, list);
+        command.append("ordered", false);
+        let write_concern = RawDocumentBuf::from_document(&self.write_concern).map_err(|e| {
+            SyncError::InvalidSetting {
+                key: "sync.write_concern".into(),
+                detail: format!("cannot be encoded as BSON: {e}"),
+            }
+        })?;
+        command.append("writeConcern", write_concern);
+        let reply = match self.db.run_raw_command(command).await {
             Ok(reply) => reply,
             Err(e) => {
                 if command_code(&e).is_some_and(|c| WRITE_CONCERN_UNSATISFIABLE.contains(&c)) {
@@ -443,22 +487,21 @@ impl LiteralNames {
     }
 }
 
-/// The `u` of an update statement: `$set`/`$unset` operators, or — when some of the paths are
-/// literal top-level names (`literal`) — an update pipeline: `$set`/`$unset` stages for the
-/// plain paths (values wrapped in `$literal`, so no value is read as an expression) and a
-/// `$setField` per literal name (`$$REMOVE` removes one).
-fn update_statement(set: &Document, unset: &Document, literal: &[&str]) -> Bson {
+/// Whether an update touches a literal top-level name (see [`LiteralNames`]) and so must be
+/// sent as a pipeline ([`pipeline_update`]) rather than `$set`/`$unset` operators.
+fn needs_pipeline(set: &Document, unset: &Document, literal: &[&str]) -> bool {
+    !literal.is_empty()
+        && set
+            .keys()
+            .chain(unset.keys())
+            .any(|k| literal.contains(&k.as_str()))
+}
+
+/// The `u` of an update that touches literal top-level names (`literal`): an update pipeline
+/// of `$set`/`$unset` stages for the plain paths (values wrapped in `$literal`, so no value is
+/// read as an expression) and a `$setField` per literal name (`$$REMOVE` removes one).
+fn pipeline_update(set: &Document, unset: &Document, literal: &[&str]) -> Bson {
     let is_literal = |k: &str| literal.contains(&k);
-    if !set.keys().chain(unset.keys()).any(|k| is_literal(k)) {
-        let mut u = Document::new();
-        if !set.is_empty() {
-            u.insert("$set", set.clone());
-        }
-        if !unset.is_empty() {
-            u.insert("$unset", unset.clone());
-        }
-        return Bson::Document(u);
-    }
     let set_field = |name: &str, value: Bson| {
         Bson::Document(doc! { "$replaceWith": { "$setField": {
             "field": { "$literal": name },
@@ -492,35 +535,32 @@ fn update_statement(set: &Document, unset: &Document, literal: &[&str]) -> Bson 
     Bson::Array(stages)
 }
 
-/// A write whose document cannot exist in staging: an insert larger than `max`, or an update
-/// whose `$set` alone is (the document it produces holds all of it).
-fn too_large(op: &WriteOp, size: usize, max: usize) -> Option<WriteResult> {
-    let what = match op {
-        WriteOp::Insert(_) if size > max => "the document",
-        WriteOp::Update { set, .. } if size > max && doc_len(set) > max => {
-            "the update's new values"
-        }
-        _ => return None,
-    };
-    Some(WriteResult::Refused {
+/// A write's part encoded as BSON, or the write's refusal when it cannot be (a value the BSON
+/// encoder rejects, such as a field name holding a NUL byte).
+fn encode(d: &Document, what: &str) -> std::result::Result<RawDocumentBuf, WriteResult> {
+    RawDocumentBuf::from_document(d).map_err(|e| WriteResult::Refused {
+        code: BAD_VALUE,
+        message: format!("{what} cannot be encoded as BSON: {e}"),
+    })
+}
+
+/// Refuses a write whose document cannot exist in staging: `size` bytes (an insert's
+/// document, or an update's `$set`, which the document it produces holds all of) over `max`.
+fn refuse_if_too_large(
+    what: &str,
+    size: usize,
+    max: usize,
+) -> std::result::Result<(), WriteResult> {
+    if size <= max {
+        return Ok(());
+    }
+    Err(WriteResult::Refused {
         code: DOCUMENT_TOO_LARGE,
         message: format!(
             "{what} would take {size} bytes in staging (with stagesync's metadata), over staging's \
              maxBsonObjectSize of {max} bytes"
         ),
     })
-}
-
-fn doc_len(d: &Document) -> usize {
-    mongodb::bson::to_vec(d).map(|v| v.len()).unwrap_or(1024)
-}
-
-fn approx_size(op: &WriteOp) -> usize {
-    match op {
-        WriteOp::Insert(d) => doc_len(d),
-        WriteOp::Update { set, unset, .. } => doc_len(set) + doc_len(unset) + 64,
-        WriteOp::Delete { .. } => 64,
-    }
 }
 
 /// The driver's form of the configured write concern.
@@ -639,4 +679,40 @@ pub async fn existing_index_keys(db: &Database, collection: &str) -> Option<Vec<
     let indexes: Vec<mongodb::IndexModel> =
         coll.list_indexes().await.ok()?.try_collect().await.ok()?;
     Some(indexes.into_iter().map(|i| i.keys).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_document_bson_cannot_encode_is_refused_alone_with_a_reason() {
+        let refused = encode(&doc! { "bad\0name": 1 }, "the document").unwrap_err();
+        match refused {
+            WriteResult::Refused { code, message } => {
+                assert_eq!(code, BAD_VALUE);
+                assert!(
+                    message.starts_with("the document cannot be encoded as BSON"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_write_over_stagings_document_limit_is_refused_with_both_sizes() {
+        assert!(refuse_if_too_large("the document", 100, 100).is_ok());
+        match refuse_if_too_large("the document", 101, 100) {
+            Err(WriteResult::Refused { code, message }) => {
+                assert_eq!(code, DOCUMENT_TOO_LARGE);
+                assert!(message.contains("101 bytes"), "{message}");
+                assert!(
+                    message.contains("maxBsonObjectSize of 100 bytes"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
 }
