@@ -326,15 +326,17 @@ pub fn fresh_inserts(rules: &Rules, changes: &[Change], novelty: Novelty) -> Fre
         let id = canonical(&c.prod_id);
         match candidates.get_mut(&id) {
             None => {
-                let insert_key = key(c).filter(|_| new_from(c));
+                let insert_key = if new_from(c) { key(c) } else { None };
                 candidates.insert(id, insert_key);
             }
-            Some(kept) => {
+            // Keys are only read while the `_id` is still a candidate: most changes are not.
+            Some(kept) if kept.is_some() => {
                 let keeps = c.op == Op::Delete || c.doc.is_none() || key(c) == *kept;
                 if !keeps {
                     *kept = None;
                 }
             }
+            Some(_) => {}
         }
     }
     candidates
@@ -1081,20 +1083,22 @@ fn finish_plan(rules: &Rules, w: Working, outcomes: Vec<Outcome>) -> Plan {
     // rotation makes those dependencies a cycle no order of final writes can satisfy. So every
     // document whose starting key is taken by another first moves to a placeholder key.
     let key_at = |d: Option<&Document>| d.and_then(|d| rules.key_of(d).ok()).map(|k| k.canonical());
-    let taken: std::collections::HashSet<Vec<u8>> = slots
+    // Each slot's key at the start and at the end of the batch, read once.
+    type StartAndEnd = (Option<Vec<u8>>, Option<Vec<u8>>);
+    let keys: Vec<StartAndEnd> = slots
         .iter()
-        .filter_map(|s| {
-            let end = key_at(s.current.as_ref())?;
-            (Some(&end) != key_at(s.original.as_ref()).as_ref()).then_some(end)
-        })
+        .map(|s| (key_at(s.original.as_ref()), key_at(s.current.as_ref())))
+        .collect();
+    let taken: std::collections::HashSet<&Vec<u8>> = keys
+        .iter()
+        .filter_map(|(start, end)| end.as_ref().filter(|&end| Some(end) != start.as_ref()))
         .collect();
     let mut vacate = Vec::new();
     let mut writes = Vec::new();
-    for s in slots {
-        let start = key_at(s.original.as_ref());
+    for (s, (start, end)) in slots.into_iter().zip(&keys) {
         let gives_key_away = start
             .as_ref()
-            .is_some_and(|k| taken.contains(k) && start != key_at(s.current.as_ref()));
+            .is_some_and(|k| taken.contains(k) && start != end);
         let op = match (s.original, s.current) {
             (None, Some(doc)) => WriteOp::Insert(doc),
             (Some(before), Some(after)) => {
