@@ -59,6 +59,16 @@ pub fn is_size_error(code: i32, message: &str) -> bool {
     m.contains("too large") || m.contains("larger than") || m.contains("exceeds maximum")
 }
 
+/// A batch's writes encoded and grouped into commands, not sent yet ([`Applier::encode`]).
+pub struct Encoded {
+    /// One per write: `Done` until sent, or the write's refusal when it cannot be sent.
+    results: Vec<WriteResult>,
+    /// One per write: the statement its command carries (`None` when refused).
+    statements: Vec<Option<RawDocumentBuf>>,
+    /// Indices of the statements each command carries.
+    chunks: Vec<Vec<usize>>,
+}
+
 /// Writes to one staging collection.
 #[derive(Clone)]
 pub struct Applier {
@@ -144,6 +154,19 @@ impl Applier {
         guards: &[Option<Timestamp>],
         names: &LiteralNames,
     ) -> Result<Vec<WriteResult>> {
+        let encoded = self.encode(writes, guards, names).await;
+        self.send(writes, encoded).await
+    }
+
+    /// The first half of [`Applier::apply_with_names`]: every write encoded as the statement
+    /// its command carries, and grouped into commands. Nothing is sent, so a batch can do
+    /// this while the batch before it is still being written.
+    pub async fn encode(
+        &self,
+        writes: &[PlannedWrite],
+        guards: &[Option<Timestamp>],
+        names: &LiteralNames,
+    ) -> Encoded {
         let max = self.max_document_bytes().await;
         let mut results = vec![WriteResult::Done; writes.len()];
         let mut statements = Vec::with_capacity(writes.len());
@@ -158,6 +181,25 @@ impl Applier {
             }
         }
         let chunks = self.chunks(writes, &statements);
+        Encoded {
+            results,
+            statements,
+            chunks,
+        }
+    }
+
+    /// The second half of [`Applier::apply_with_names`]: sends the commands of
+    /// [`Applier::encode`] (made from the same `writes`), `apply_concurrency` at a time.
+    pub async fn send(
+        &self,
+        writes: &[PlannedWrite],
+        encoded: Encoded,
+    ) -> Result<Vec<WriteResult>> {
+        let Encoded {
+            mut results,
+            statements,
+            chunks,
+        } = encoded;
         let outcomes: Vec<Result<Vec<(usize, WriteResult)>>> = stream::iter(chunks)
             .map(|chunk| self.run_chunk_or_split(writes, &statements, chunk))
             .buffer_unordered(self.concurrency)

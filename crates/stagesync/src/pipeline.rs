@@ -440,8 +440,6 @@ impl Pipeline {
         // Recorded before anything is sent: a write that fails half-way has still touched.
         touched.record_read(&self.rules, &changes, &existing);
         touched.record_writes(&plan);
-        turn.wait().await?;
-        self.references.before_writes(&plan, &unresolved).await?;
         // Each write is conditional on staging's copy being older than the newest change it
         // carries: a stale writer (a paused process, a second owner) never puts older state back.
         let guards = |writes: &[PlannedWrite]| -> Vec<Option<Timestamp>> {
@@ -450,12 +448,21 @@ impl Pipeline {
                 .map(|w| w.changes.last().map(|&i| changes[i].cluster_time))
                 .collect()
         };
+        // Encoded before waiting for the turn: a snapshot batch is ready to send the moment the
+        // batch before it is written, and staging does not wait for stagesync in between.
+        let vacate = self
+            .applier
+            .encode(&plan.vacate, &guards(&plan.vacate), &names)
+            .await;
+        let writes = self
+            .applier
+            .encode(&plan.writes, &guards(&plan.writes), &names)
+            .await;
+        turn.wait().await?;
+        self.references.before_writes(&plan, &unresolved).await?;
         // Key swaps and rotations: placeholder keys first, acknowledged, then the final writes.
         if !plan.vacate.is_empty() {
-            let moved = self
-                .applier
-                .apply_with_names(&plan.vacate, &guards(&plan.vacate), &names)
-                .await?;
+            let moved = self.applier.send(&plan.vacate, vacate).await?;
             for (write, result) in plan.vacate.iter().zip(&moved) {
                 if let (WriteResult::Refused { code, .. }, WriteOp::Update { id, .. }) =
                     (result, &write.op)
@@ -465,10 +472,7 @@ impl Pipeline {
                 }
             }
         }
-        let results = self
-            .applier
-            .apply_with_names(&plan.writes, &guards(&plan.writes), &names)
-            .await?;
+        let results = self.applier.send(&plan.writes, writes).await?;
         let mut outcomes = plan.outcomes;
         let mut duplicate_key = Vec::new();
         for (write, result) in plan.writes.iter().zip(&results) {
