@@ -74,7 +74,8 @@ pub struct Encoded {
 pub struct Applier {
     db: Database,
     collection: String,
-    write_concern: Document,
+    /// `writeConcern` of every command, encoded once.
+    write_concern: RawDocumentBuf,
     write_concern_setting: WriteConcernSetting,
     concurrency: usize,
     limiter: Option<Arc<WriteLimiter>>,
@@ -97,7 +98,7 @@ impl Applier {
             meta_field: meta_field.to_string(),
             db,
             collection: collection.to_string(),
-            write_concern: write_concern_doc(write_concern),
+            write_concern: raw_write_concern(write_concern),
             write_concern_setting: write_concern.clone(),
             concurrency: concurrency.max(1),
             limiter,
@@ -401,13 +402,7 @@ impl Applier {
         command.append(name, self.collection.as_str());
         command.append(field, list);
         command.append("ordered", false);
-        let write_concern = RawDocumentBuf::from_document(&self.write_concern).map_err(|e| {
-            SyncError::InvalidSetting {
-                key: "sync.write_concern".into(),
-                detail: format!("cannot be encoded as BSON: {e}"),
-            }
-        })?;
-        command.append("writeConcern", write_concern);
+        command.append_ref("writeConcern", &self.write_concern);
         let reply = match self.db.run_raw_command(command).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -638,6 +633,16 @@ pub fn write_concern_refused(w: &WriteConcernSetting, reason: &str) -> SyncError
 }
 
 /// The configured write concern as a command's `writeConcern` document.
+/// [`write_concern_doc`] as the raw BSON a command built from raw statements carries.
+fn raw_write_concern(w: &WriteConcernSetting) -> RawDocumentBuf {
+    let mut raw = RawDocumentBuf::new();
+    match w {
+        WriteConcernSetting::Nodes(n) => raw.append("w", *n as i32),
+        WriteConcernSetting::Tag(t) => raw.append("w", t.as_str()),
+    }
+    raw
+}
+
 pub fn write_concern_doc(w: &WriteConcernSetting) -> Document {
     match w {
         WriteConcernSetting::Nodes(n) => doc! { "w": *n as i32 },
@@ -739,6 +744,17 @@ mod tests {
                 );
             }
             other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_carry_the_configured_write_concern() {
+        for w in [
+            WriteConcernSetting::Nodes(2),
+            WriteConcernSetting::Tag("majority".into()),
+        ] {
+            let raw = raw_write_concern(&w).to_document().unwrap();
+            assert_eq!(raw, write_concern_doc(&w));
         }
     }
 
