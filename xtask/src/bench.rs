@@ -359,10 +359,7 @@ pub async fn command(args: BenchArgs, exe: PathBuf) -> anyhow::Result<i32> {
     println!(
         "  {}; staging CPU {} per write",
         oracle.rate.show("writes/s"),
-        oracle
-            .staging_us_per_write()
-            .map(|u| format!("{u:.0} µs"))
-            .unwrap_or_else(|| "unknown".into())
+        us(oracle.staging_us_per_write())
     );
 
     println!(
