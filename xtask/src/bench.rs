@@ -497,13 +497,15 @@ fn catch_up_line(c: &CatchUpResult, oracle: &OracleResult) -> String {
     match c.rate() {
         Some(rate) => format!(
             "in sync (checked) {:.2} s after the restart: {rate:.0} changes/s = {:.2}× the oracle; CPU per change: \
-             staging {}, stagesync {}, production {}; peak RSS {:.1} MiB",
+             staging {}, stagesync {}, production {}; peak RSS {:.1} MiB; {:.0} of {:.0} batches planned ahead",
             c.synced_secs.unwrap_or(0.0),
             rate / oracle.rate.per_sec(),
             us(c.us_per_change("staging server")),
             us(c.us_per_change("stagesync run")),
             us(c.us_per_change("production server")),
-            kib_to_mib(c.peak_rss_kb)
+            kib_to_mib(c.peak_rss_kb),
+            metric_sum(&c.metrics, PLANNED_AHEAD),
+            metric_sum(&c.metrics, "stagesync_batch_size_count"),
         ),
         None => format!("NOT in sync within the deadline: {}", c.detail),
     }
@@ -3580,8 +3582,10 @@ impl Report<'_> {
             writeln!(
                 md,
                 "  stagesync's own counters after the restart: {applied:.0} applied, {skipped:.0} skipped, \
-                 {dead_lettered:.0} dead-lettered, in {batches:.0} batches (mean {:.0} changes per batch).",
-                metric_sum(&c.metrics, "stagesync_batch_size_sum") / batches
+                 {dead_lettered:.0} dead-lettered, in {batches:.0} batches (mean {:.0} changes per batch), \
+                 {:.0} of them planned while the batch before was written.",
+                metric_sum(&c.metrics, "stagesync_batch_size_sum") / batches,
+                metric_sum(&c.metrics, PLANNED_AHEAD),
             )?;
         }
         let samples: Vec<String> = r
@@ -4139,6 +4143,7 @@ fn kept_notes(old: &str) -> Option<String> {
 const APPLIED: &str = "stagesync_changes_applied_total";
 const SKIPPED: &str = "stagesync_changes_skipped_total";
 const DEAD_LETTERED: &str = "stagesync_changes_dead_lettered_total";
+const PLANNED_AHEAD: &str = "stagesync_batches_planned_ahead_total";
 
 /// What bounds a phase, from its CPU figures: the saturated machine, one process at a whole
 /// core, or neither (the stages wait on each other: latency).

@@ -59,6 +59,24 @@ pub fn is_size_error(code: i32, message: &str) -> bool {
     m.contains("too large") || m.contains("larger than") || m.contains("exceeds maximum")
 }
 
+/// What [`Applier::send`] did.
+#[derive(Debug)]
+pub struct Sent {
+    /// One per write.
+    pub results: Vec<WriteResult>,
+    /// Updates and deletes staging took but that found no document: one whose `_sync.ts` guard
+    /// held (staging's copy is as new as the change: a replay, or another writer got there
+    /// first), or one that is gone. Not an error; it only says staging is not as planned.
+    pub missed: usize,
+}
+
+/// What one command did: a result per statement it carried, and how many of its updates or
+/// deletes found no document (see [`Sent::missed`]).
+struct Chunk {
+    results: Vec<(usize, WriteResult)>,
+    missed: usize,
+}
+
 /// A batch's writes encoded and grouped into commands, not sent yet ([`Applier::encode`]).
 pub struct Encoded {
     /// One per write: `Done` until sent, or the write's refusal when it cannot be sent.
@@ -156,7 +174,7 @@ impl Applier {
         names: &LiteralNames,
     ) -> Result<Vec<WriteResult>> {
         let encoded = self.encode(writes, guards, names).await;
-        self.send(writes, encoded).await
+        Ok(self.send(writes, encoded).await?.results)
     }
 
     /// The first half of [`Applier::apply_with_names`]: every write encoded as the statement
@@ -191,27 +209,26 @@ impl Applier {
 
     /// The second half of [`Applier::apply_with_names`]: sends the commands of
     /// [`Applier::encode`] (made from the same `writes`), `apply_concurrency` at a time.
-    pub async fn send(
-        &self,
-        writes: &[PlannedWrite],
-        encoded: Encoded,
-    ) -> Result<Vec<WriteResult>> {
+    pub async fn send(&self, writes: &[PlannedWrite], encoded: Encoded) -> Result<Sent> {
         let Encoded {
             mut results,
             statements,
             chunks,
         } = encoded;
-        let outcomes: Vec<Result<Vec<(usize, WriteResult)>>> = stream::iter(chunks)
+        let outcomes: Vec<Result<Chunk>> = stream::iter(chunks)
             .map(|chunk| self.run_chunk_or_split(writes, &statements, chunk))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
+        let mut missed = 0;
         for outcome in outcomes {
-            for (i, r) in outcome? {
+            let chunk = outcome?;
+            missed += chunk.missed;
+            for (i, r) in chunk.results {
                 results[i] = r;
             }
         }
-        Ok(results)
+        Ok(Sent { results, missed })
     }
 
     /// [`Applier::run_chunk`]; when the whole command fails for a size reason, the halves are
@@ -221,7 +238,7 @@ impl Applier {
         writes: &'a [PlannedWrite],
         statements: &'a [Option<RawDocumentBuf>],
         chunk: Vec<usize>,
-    ) -> futures::future::BoxFuture<'a, Result<Vec<(usize, WriteResult)>>> {
+    ) -> futures::future::BoxFuture<'a, Result<Chunk>> {
         Box::pin(async move {
             let error = match self.run_chunk(writes, statements, &chunk).await {
                 Ok(done) => return Ok(done),
@@ -245,22 +262,26 @@ impl Applier {
                     SyncError::Mongo { error: e, .. } => crate::retry::describe(e),
                     other => other.to_string(),
                 };
-                return Ok(vec![(
-                    chunk[0],
-                    WriteResult::Refused {
-                        code: DOCUMENT_TOO_LARGE,
-                        message,
-                    },
-                )]);
+                return Ok(Chunk {
+                    results: vec![(
+                        chunk[0],
+                        WriteResult::Refused {
+                            code: DOCUMENT_TOO_LARGE,
+                            message,
+                        },
+                    )],
+                    missed: 0,
+                });
             }
             let (left, right) = chunk.split_at(chunk.len() / 2);
             let mut done = self
                 .run_chunk_or_split(writes, statements, left.to_vec())
                 .await?;
-            done.extend(
-                self.run_chunk_or_split(writes, statements, right.to_vec())
-                    .await?,
-            );
+            let right = self
+                .run_chunk_or_split(writes, statements, right.to_vec())
+                .await?;
+            done.results.extend(right.results);
+            done.missed += right.missed;
             Ok(done)
         })
     }
@@ -382,7 +403,7 @@ impl Applier {
         writes: &[PlannedWrite],
         statements: &[Option<RawDocumentBuf>],
         chunk: &[usize],
-    ) -> Result<Vec<(usize, WriteResult)>> {
+    ) -> Result<Chunk> {
         if let Some(l) = &self.limiter {
             if let Some(n) = NonZeroU32::new(chunk.len() as u32) {
                 // `until_n_ready` only fails when n exceeds the burst, which chunking prevents.
@@ -395,8 +416,10 @@ impl Applier {
             _ => ("delete", "deletes"),
         };
         let mut list = RawArrayBuf::new();
+        let mut sent = 0usize;
         for s in chunk.iter().filter_map(|&i| statements[i].as_ref()) {
             list.push(s.clone());
+            sent += 1;
         }
         let mut command = RawDocumentBuf::new();
         command.append(name, self.collection.as_str());
@@ -434,8 +457,10 @@ impl Applier {
         }
         let mut out: Vec<(usize, WriteResult)> =
             chunk.iter().map(|&i| (i, WriteResult::Done)).collect();
+        let mut refused = 0;
         if let Ok(errors) = reply.get_array("writeErrors") {
             for e in errors.iter().filter_map(|e| e.as_document()) {
+                refused += 1;
                 let index = e.get_i32("index").map(|i| i as usize).unwrap_or(usize::MAX);
                 if let Some(slot) = out.get_mut(index) {
                     slot.1 = WriteResult::Refused {
@@ -445,7 +470,16 @@ impl Applier {
                 }
             }
         }
-        Ok(out)
+        // `n`: documents inserted, matched by an update, or deleted.
+        let n = match reply.get("n") {
+            Some(Bson::Int32(n)) => *n as usize,
+            Some(Bson::Int64(n)) => *n as usize,
+            _ => 0,
+        };
+        Ok(Chunk {
+            results: out,
+            missed: sent.saturating_sub(refused + n),
+        })
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// `stagesync_insert_fallbacks_total{collection}`
     pub insert_fallbacks: IntCounterVec,
+    /// `stagesync_batches_planned_ahead_total{collection}`
+    pub planned_ahead: IntCounterVec,
     /// `stagesync_lease_held{collection,owner}`: 1 while this process (`owner`, its
     /// `--instance-id`) holds the collection's lease. (Not `instance`: Prometheus sets that
     /// label itself on every scraped series.)
@@ -153,6 +155,12 @@ impl Metrics {
              plan could not apply, then planned again with look-ups",
             &["collection"],
         );
+        let planned_ahead = counter(
+            "batches_planned_ahead_total",
+            "Stream batches planned while the batch before them was being written, against the \
+             state that batch planned to leave, and written as planned that way",
+            &["collection"],
+        );
         let lease_held = prometheus::IntGaugeVec::new(
             prometheus::Opts::new(
                 "lease_held",
@@ -190,6 +198,7 @@ impl Metrics {
             Box::new(ddl_events.clone()),
             Box::new(conflicts.clone()),
             Box::new(insert_fallbacks.clone()),
+            Box::new(planned_ahead.clone()),
             Box::new(retries.clone()),
             Box::new(lease_held.clone()),
             Box::new(fresh_ids.clone()),
@@ -211,6 +220,7 @@ impl Metrics {
             ddl_events,
             conflicts,
             insert_fallbacks,
+            planned_ahead,
             retries,
             lease_held,
             fresh_ids,
@@ -310,6 +320,11 @@ impl Metrics {
         self.insert_fallbacks
             .with_label_values(&[collection])
             .inc_by(n as u64);
+    }
+
+    /// A stream batch is written from the plan made while the batch before was written.
+    pub fn planned_ahead(&self, collection: &str) {
+        self.planned_ahead.with_label_values(&[collection]).inc();
     }
 
     /// A transient failure talking to `side` is being retried.

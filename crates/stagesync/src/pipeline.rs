@@ -106,6 +106,94 @@ pub struct BatchReport {
     /// Changes of documents written without a look-up that took the slow path after all (staging
     /// or the plan found their key or `_id` held; see [`fresh_inserts`]).
     pub looked_up_again: usize,
+    /// Whether the batch's first pass landed exactly as planned, in one attempt.
+    pub landed: Landed,
+}
+
+/// Whether a batch's writes left staging as its plan said (see [`Touched::planned_after`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Landed {
+    /// Every write of the first pass was taken and every update or delete found its document,
+    /// in one attempt: staging holds the plan's `finals`.
+    AsPlanned,
+    /// Anything else (a refusal, a second pass, a guard that held, a retry): the next batch is
+    /// planned after this one, from corrected look-ups.
+    #[default]
+    Otherwise,
+}
+
+/// How a stream batch overlaps its neighbours: what was done for it while the batch before it
+/// was written, and where to hand what it plans to leave in staging, for the batch after it.
+pub struct Overlap {
+    pub ahead: Ahead,
+    pub basis: Option<tokio::sync::oneshot::Sender<Basis>>,
+}
+
+impl Overlap {
+    /// No neighbour: a snapshot, prune, replay or `verify` batch.
+    pub fn none() -> Overlap {
+        Overlap {
+            ahead: Ahead::Nothing,
+            basis: None,
+        }
+    }
+}
+
+/// What a batch brings from the time the batch before it was being written.
+pub enum Ahead {
+    /// Nothing: the batch looks itself up.
+    Nothing,
+    /// Its look-ups, made exact (see [`Pipeline::refresh_looked_up`]).
+    LookedUp(Vec<Document>),
+    /// Its first pass, planned against the state the batch before planned to leave, which it
+    /// did ([`Landed::AsPlanned`]).
+    Planned(Box<Planned>),
+}
+
+/// What a batch's first pass plans to leave in staging, handed to the next batch's planning
+/// before it is written: the documents it writes, and their final states.
+pub struct Basis {
+    /// Only its written documents ([`Touched::written_only`]).
+    touched: Touched,
+    finals: Vec<Document>,
+}
+
+/// A first pass planned ahead (see [`Pipeline::work_ahead`]).
+pub struct Planned {
+    /// The changes as planned, when the plan masked some of their values (otherwise the batch's
+    /// own changes).
+    masked: Option<Vec<Change>>,
+    prepared: Prepared,
+    touched: Touched,
+}
+
+/// One pass over a batch, planned and encoded, not written yet ([`Pipeline::prepare`]).
+pub struct Prepared {
+    unresolved: Vec<crate::references::Unresolved>,
+    plan: crate::plan::Plan,
+    vacate: crate::apply::Encoded,
+    writes: crate::apply::Encoded,
+    looked_up_again: usize,
+}
+
+/// What [`Pipeline::write_prepared`] did.
+struct Written<'c> {
+    /// The changes as planned (masked with staging's knowledge too).
+    changes: Cow<'c, [Change]>,
+    outcomes: Vec<Outcome>,
+    /// In the first pass, the changes whose write hit a duplicate key (left for the second).
+    duplicate_key: Vec<usize>,
+    looked_up_again: usize,
+    landed: Landed,
+}
+
+/// A stream batch and what was done for it while the batch before was written.
+struct AheadWork {
+    batch: Batch,
+    /// Its look-ups, made while the batch before was written (`None`: they failed).
+    found: Option<Vec<Document>>,
+    /// Its first pass, planned against the batch before's planned final state.
+    planned: Option<Box<Planned>>,
 }
 
 /// One collection's stages and the connections they use.
@@ -194,37 +282,78 @@ impl Pipeline {
     /// in the dead-letter queue (unless replaying one). `Err` only for trouble with the whole
     /// request (the caller retries the batch: replays are no-ops thanks to the order rule).
     pub async fn apply_changes(&self, changes: &[Change], origin: Origin) -> Result<BatchReport> {
-        self.apply_batch(changes, origin, Novelty::Unknown, None, &Turn::now())
-            .await
+        self.apply_batch(
+            changes,
+            origin,
+            Novelty::Unknown,
+            Overlap::none(),
+            &Turn::now(),
+        )
+        .await
     }
 
     /// [`Pipeline::apply_changes`] for a stream or snapshot batch: the documents `novelty`
     /// says are new (a stream's inserts after production's time when it was opened, a first
     /// snapshot's documents) are written without looking them up first (see
-    /// [`fresh_inserts`]); `looked_up` is the batch's look-ups when made already
-    /// (see [`Pipeline::look_up_ahead`]).
+    /// [`fresh_inserts`]); `overlap.ahead` is what was done for the batch while the one before
+    /// it was written (see [`Pipeline::work_ahead`]); `overlap.basis`, when given, receives
+    /// what the first pass plans to leave in staging, before it writes it: the next batch is
+    /// planned against that meanwhile.
     async fn apply_batch(
         &self,
         changes: &[Change],
         origin: Origin,
         novelty: Novelty,
-        looked_up: Option<Vec<Document>>,
+        overlap: Overlap,
         turn: &Turn,
     ) -> Result<BatchReport> {
+        let Overlap { ahead, basis } = overlap;
         let fresh = fresh_inserts(&self.rules, changes, novelty);
+        let first = Pass::First {
+            fresh: &fresh,
+            novelty,
+        };
         let mut touched = Touched::default();
+        let (planned_changes, mut prepared) = match ahead {
+            Ahead::Planned(planned) => {
+                let Planned {
+                    masked,
+                    prepared,
+                    touched: read,
+                } = *planned;
+                touched = read;
+                // Unmasked by the plan: the batch's changes as they came.
+                let planned_changes = match masked {
+                    Some(masked) => Cow::Owned(masked),
+                    None => Cow::Borrowed(changes),
+                };
+                (planned_changes, prepared)
+            }
+            Ahead::LookedUp(found) => {
+                self.prepare_now(changes, first, Some(found), turn, &mut touched)
+                    .await?
+            }
+            Ahead::Nothing => {
+                self.prepare_now(changes, first, None, turn, &mut touched)
+                    .await?
+            }
+        };
+        if let Some(basis) = basis {
+            // The receiver is gone when the next batch is not planned ahead: nothing to do.
+            let _ = basis.send(Basis {
+                touched: touched.written_only(),
+                finals: std::mem::take(&mut prepared.plan.finals),
+            });
+        }
         // From here on `changes` are the ones planned: masked with staging's knowledge too.
-        let (changes, mut outcomes, duplicate_key, mut looked_up_again) = self
-            .plan_and_write(
-                changes,
-                Pass::First {
-                    fresh: &fresh,
-                    novelty,
-                },
-                looked_up,
-                turn,
-                &mut touched,
-            )
+        let Written {
+            changes,
+            mut outcomes,
+            duplicate_key,
+            mut looked_up_again,
+            landed,
+        } = self
+            .write_prepared(planned_changes, prepared, first, turn)
             .await?;
         // A duplicate key error can come from two documents of the batch trading keys in
         // parallel chunks, or from an insert written without a look-up whose key (or `_id`)
@@ -235,11 +364,11 @@ impl Pipeline {
                 looked_up_again += duplicate_key.len();
             }
             let retry: Vec<Change> = duplicate_key.iter().map(|&i| changes[i].clone()).collect();
-            let (_, second, _, _) = self
+            let second = self
                 .plan_and_write(&retry, Pass::Second, None, turn, &mut touched)
                 .await?;
             for (k, &i) in duplicate_key.iter().enumerate() {
-                outcomes[i] = second[k].clone();
+                outcomes[i] = second.outcomes[k].clone();
             }
         }
         let metrics = &self.ctx.metrics;
@@ -290,17 +419,95 @@ impl Pipeline {
         report.outcomes = outcomes;
         report.touched = Some(touched);
         report.looked_up_again = looked_up_again;
+        report.landed = landed;
         Ok(report)
     }
 
-    /// The look-ups of a stream batch, made while the batch before it is still being written;
-    /// [`Pipeline::refresh_looked_up`] then corrects them once that batch is done. `None` when
-    /// they failed (the batch then looks everything up itself).
-    async fn look_up_ahead(&self, changes: &[Change], novelty: Novelty) -> Option<Vec<Document>> {
-        let fresh = fresh_inserts(&self.rules, changes, novelty);
-        self.fetch_existing_except(changes, &fresh, novelty, &Turn::now())
+    /// [`Pipeline::prepare`] for a pass planned now, which may ask staging what it needs.
+    async fn prepare_now<'c>(
+        &self,
+        changes: &'c [Change],
+        pass: Pass<'_>,
+        looked_up: Option<Vec<Document>>,
+        turn: &Turn,
+        touched: &mut Touched,
+    ) -> Result<(Cow<'c, [Change]>, Prepared)> {
+        match self
+            .prepare(changes, pass, looked_up, turn, touched, false)
+            .await?
+        {
+            Some(prepared) => Ok(prepared),
+            // `prepare` only gives up on a batch planned ahead.
+            None => Err(SyncError::TaskFailed(format!(
+                "a batch of `{}` planned now was not prepared",
+                self.name
+            ))),
+        }
+    }
+
+    /// What can be done for a stream batch while the batch before it is still being written:
+    /// its look-ups ([`Pipeline::refresh_looked_up`] corrects them once that batch is done),
+    /// and, once `basis` says what that batch plans to leave in staging, its plan against that
+    /// state (used only if that batch lands as planned; see [`Touched::planned_after`]).
+    async fn work_ahead(
+        &self,
+        batch: Batch,
+        novelty: Novelty,
+        basis: Option<tokio::sync::oneshot::Receiver<Basis>>,
+    ) -> AheadWork {
+        let fresh = fresh_inserts(&self.rules, &batch.changes, novelty);
+        // `None` when they failed: the batch then looks everything up itself.
+        let found = self
+            .fetch_existing_except(&batch.changes, &fresh, novelty, &Turn::now())
             .await
-            .ok()
+            .ok();
+        let planned = match (&found, basis) {
+            (Some(found), Some(basis)) => match basis.await {
+                Ok(basis) => {
+                    let mut existing = found.clone();
+                    basis.touched.planned_after(
+                        &self.rules,
+                        &batch.changes,
+                        &mut existing,
+                        basis.finals,
+                    );
+                    let mut touched = Touched::default();
+                    let first = Pass::First {
+                        fresh: &fresh,
+                        novelty,
+                    };
+                    match self
+                        .prepare(
+                            &batch.changes,
+                            first,
+                            Some(existing),
+                            &Turn::now(),
+                            &mut touched,
+                            true,
+                        )
+                        .await
+                    {
+                        Ok(Some((changes, prepared))) => Some(Box::new(Planned {
+                            masked: match changes {
+                                Cow::Owned(masked) => Some(masked),
+                                Cow::Borrowed(_) => None,
+                            },
+                            prepared,
+                            touched,
+                        })),
+                        _ => None,
+                    }
+                }
+                // The batch before failed before it was planned.
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        AheadWork {
+            batch,
+            found,
+            planned,
+        }
     }
 
     /// Look-ups made ahead, made exact now that the batch written meanwhile (`before`) is
@@ -385,8 +592,8 @@ impl Pipeline {
     /// Returns the changes as planned (with the values staging knows to be personal masked:
     /// [`crate::plan::mask_moved_values`]), each change's outcome and, in the first pass, the
     /// indices whose write hit a duplicate key (left for the second pass instead of failing
-    /// them now), and how many changes of `fresh` documents the plan sent back to be looked up
-    /// ([`unsure_fresh`]).
+    /// them now), how many changes of `fresh` documents the plan sent back to be looked up
+    /// ([`unsure_fresh`]), and whether every write landed as planned (see [`Landed`]).
     async fn plan_and_write<'c>(
         &self,
         changes: &'c [Change],
@@ -394,12 +601,34 @@ impl Pipeline {
         looked_up: Option<Vec<Document>>,
         turn: &Turn,
         touched: &mut Touched,
-    ) -> Result<(Cow<'c, [Change]>, Vec<Outcome>, Vec<usize>, usize)> {
+    ) -> Result<Written<'c>> {
+        let (changes, prepared) = self
+            .prepare_now(changes, pass, looked_up, turn, touched)
+            .await?;
+        self.write_prepared(changes, prepared, pass, turn).await
+    }
+
+    /// The look-ups (unless given) and the plan of one pass over a batch, its writes encoded;
+    /// nothing is written. `ahead`: planned while the batch before is being written, so staging
+    /// must not be asked anything — `None` when the plan would need to ask (it looks some new
+    /// documents up after all, or references are remapped).
+    async fn prepare<'c>(
+        &self,
+        changes: &'c [Change],
+        pass: Pass<'_>,
+        looked_up: Option<Vec<Document>>,
+        turn: &Turn,
+        touched: &mut Touched,
+        ahead: bool,
+    ) -> Result<Option<(Cow<'c, [Change]>, Prepared)>> {
         let no_fresh = Fresh::new();
-        let (set_aside_duplicate_keys, fresh, novelty) = match pass {
-            Pass::First { fresh, novelty } => (true, fresh, novelty),
-            Pass::Second => (false, &no_fresh, Novelty::Unknown),
+        let (fresh, novelty) = match pass {
+            Pass::First { fresh, novelty } => (fresh, novelty),
+            Pass::Second => (&no_fresh, Novelty::Unknown),
         };
+        if ahead && self.references.remaps() {
+            return Ok(None);
+        }
         let mut existing = match looked_up {
             Some(found) => found,
             None => {
@@ -422,6 +651,9 @@ impl Pipeline {
             let unsure = unsure_fresh(&masked, &plan.outcomes, &fresh);
             if unsure.is_empty() {
                 break (masked, unresolved, plan);
+            }
+            if ahead {
+                return Ok(None);
             }
             fresh.to_mut().retain(|id| !unsure.contains(id));
             let again: Vec<Change> = changes
@@ -458,25 +690,63 @@ impl Pipeline {
             .applier
             .encode(&plan.writes, &guards(&plan.writes), &names)
             .await;
+        Ok(Some((
+            changes,
+            Prepared {
+                unresolved,
+                plan,
+                vacate,
+                writes,
+                looked_up_again,
+            },
+        )))
+    }
+
+    /// The writing half of [`Pipeline::plan_and_write`]: waits for the turn, sends the
+    /// temporary key moves, then the final writes, and sorts out what staging refused.
+    async fn write_prepared<'c>(
+        &self,
+        changes: Cow<'c, [Change]>,
+        prepared: Prepared,
+        pass: Pass<'_>,
+        turn: &Turn,
+    ) -> Result<Written<'c>> {
+        let Prepared {
+            unresolved,
+            mut plan,
+            vacate,
+            writes,
+            looked_up_again,
+        } = prepared;
+        let set_aside_duplicate_keys = matches!(pass, Pass::First { .. });
         turn.wait().await?;
         self.references.before_writes(&plan, &unresolved).await?;
+        let mut landed = Landed::AsPlanned;
         // Key swaps and rotations: placeholder keys first, acknowledged, then the final writes.
         if !plan.vacate.is_empty() {
             let moved = self.applier.send(&plan.vacate, vacate).await?;
-            for (write, result) in plan.vacate.iter().zip(&moved) {
+            if moved.missed > 0 {
+                landed = Landed::Otherwise;
+            }
+            for (write, result) in plan.vacate.iter().zip(&moved.results) {
                 if let (WriteResult::Refused { code, .. }, WriteOp::Update { id, .. }) =
                     (result, &write.op)
                 {
+                    landed = Landed::Otherwise;
                     // The writes that needed its key will fail and be dead-lettered.
                     tracing::warn!(collection = %self.name, staging_id = %id, code, "staging refused a temporary key move");
                 }
             }
         }
-        let results = self.applier.send(&plan.writes, writes).await?;
-        let mut outcomes = plan.outcomes;
+        let sent = self.applier.send(&plan.writes, writes).await?;
+        if sent.missed > 0 {
+            landed = Landed::Otherwise;
+        }
+        let mut outcomes = std::mem::take(&mut plan.outcomes);
         let mut duplicate_key = Vec::new();
-        for (write, result) in plan.writes.iter().zip(&results) {
+        for (write, result) in plan.writes.iter().zip(&sent.results) {
             if let WriteResult::Refused { code, message } = result {
+                landed = Landed::Otherwise;
                 if result.is_duplicate_key() && set_aside_duplicate_keys {
                     duplicate_key.extend(write.changes.iter().copied());
                     continue;
@@ -492,7 +762,13 @@ impl Pipeline {
         duplicate_key.sort_unstable();
         self.references.after_writes(&changes, &unresolved).await?;
         self.note_fresh_ids(&changes, &plan.fresh_ids, &outcomes, &duplicate_key);
-        Ok((changes, outcomes, duplicate_key, looked_up_again))
+        Ok(Written {
+            changes,
+            outcomes,
+            duplicate_key,
+            looked_up_again,
+            landed,
+        })
     }
 
     /// Counts (and logs, once per document: later changes find it by `_sync.id`) the new
@@ -557,18 +833,23 @@ impl Pipeline {
         changes: &[Change],
         origin: Origin,
         novelty: Novelty,
-        looked_up: Option<Vec<Document>>,
+        overlap: Overlap,
         turn: &Turn,
         shutdown: &CancellationToken,
     ) -> Result<Option<BatchReport>> {
         let mut outage: Option<Instant> = None;
-        // Look-ups made ahead serve the first attempt only; a retry looks up again.
-        let looked_up = std::sync::Mutex::new(looked_up);
+        // Look-ups and plans made ahead serve the first attempt only; a retry looks up again,
+        // and the next batch's plan against this one's (`basis`) is not used after a retry.
+        let overlap = std::sync::Mutex::new(Some(overlap));
         let attempts = std::sync::atomic::AtomicU32::new(0);
         let attempt = || async {
             self.check_fence()?;
             let before = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let ahead = looked_up.lock().map(|mut l| l.take()).unwrap_or(None);
+            let overlap = overlap
+                .lock()
+                .map(|mut o| o.take())
+                .unwrap_or(None)
+                .unwrap_or_else(Overlap::none);
             // A failed attempt may have written part of the batch: the next one replays it,
             // so it looks everything up (see `Novelty::may_have_applied`).
             let novelty = if before == 0 {
@@ -576,7 +857,7 @@ impl Pipeline {
             } else {
                 Novelty::Unknown
             };
-            let apply = self.apply_batch(changes, origin, novelty, ahead, turn);
+            let apply = self.apply_batch(changes, origin, novelty, overlap, turn);
             tokio::pin!(apply);
             tokio::select! {
                 r = &mut apply => r.map(Some),
@@ -617,6 +898,7 @@ impl Pipeline {
                 // A retried batch may have written more than its last attempt planned.
                 if attempts.load(std::sync::atomic::Ordering::Relaxed) > 1 {
                     report.touched = None;
+                    report.landed = Landed::Otherwise;
                 }
                 if let Some(since) = outage {
                     health.staging_reachable();
@@ -783,26 +1065,45 @@ impl Pipeline {
         // Stage overlap: while a batch is written, the next one (when the reader has it) is
         // taken from the channel and looked up in a task of its own; once the first is
         // acknowledged, those look-ups are corrected for what it wrote (see `Touched`).
-        let mut ahead: Option<tokio::task::JoinHandle<(Batch, Option<Vec<Document>>)>> = None;
+        let mut ahead: Option<tokio::task::JoinHandle<AheadWork>> = None;
         // A message received while a batch was written, that is not a batch to look up.
         let mut carried: Option<ReaderMessage> = None;
         let mut reader_done = false;
-        // What the batch written last changed, for correcting the look-ups made meanwhile.
+        // What the batch written last changed, for correcting the look-ups made meanwhile, and
+        // whether it landed as planned (then the plan made meanwhile stands).
         let mut touched: Option<Touched> = None;
+        let mut landed = Landed::Otherwise;
         // A batch was abandoned in flight (stopping): the position is then not exact.
         let mut abandoned = false;
         // Every change up to `replayed_until` is applied (see the final save).
         let mut past_horizon = false;
         let result = loop {
-            let (batch, looked_up) = if let Some(task) = ahead.take() {
+            let (batch, prepared) = if let Some(task) = ahead.take() {
                 match task.await {
-                    Ok((batch, Some(found))) => {
-                        let found = self
-                            .refresh_looked_up(&batch.changes, novelty, found, touched.take())
-                            .await;
-                        (batch, found)
+                    Ok(AheadWork {
+                        batch,
+                        found,
+                        planned,
+                    }) => {
+                        let before = touched.take();
+                        let prepared = match (planned, found) {
+                            (Some(planned), _)
+                                if landed == Landed::AsPlanned && before.is_some() =>
+                            {
+                                self.ctx.metrics.planned_ahead(&self.name);
+                                Ahead::Planned(planned)
+                            }
+                            (_, Some(found)) => match self
+                                .refresh_looked_up(&batch.changes, novelty, found, before)
+                                .await
+                            {
+                                Some(found) => Ahead::LookedUp(found),
+                                None => Ahead::Nothing,
+                            },
+                            (_, None) => Ahead::Nothing,
+                        };
+                        (batch, prepared)
                     }
-                    Ok((batch, None)) => (batch, None),
                     Err(e) => {
                         break Err(SyncError::TaskFailed(format!(
                             "the look-up task of `{}`: {e}",
@@ -822,17 +1123,24 @@ impl Pipeline {
                 match message {
                     None => break Ok(()),
                     Some(ReaderMessage::Failed(e)) => break Err(e),
-                    Some(ReaderMessage::Batch(batch)) => (batch, None),
+                    Some(ReaderMessage::Batch(batch)) => (batch, Ahead::Nothing),
                 }
             };
             touched = None;
+            landed = Landed::Otherwise;
             if !batch.changes.is_empty() {
                 let now = Turn::now();
+                // What this batch plans to leave in staging, for planning the next one meanwhile.
+                let (basis, basis_rx) = tokio::sync::oneshot::channel();
+                let mut basis_rx = Some(basis_rx);
                 let apply = self.apply_with_retry(
                     &batch.changes,
                     Origin::Stream,
                     novelty,
-                    looked_up,
+                    Overlap {
+                        ahead: prepared,
+                        basis: Some(basis),
+                    },
                     &now,
                     shutdown,
                 );
@@ -843,9 +1151,9 @@ impl Pipeline {
                         m = rx.recv(), if ahead.is_none() && carried.is_none() && !reader_done => match m {
                             Some(ReaderMessage::Batch(next)) if !next.changes.is_empty() => {
                                 let pipeline = self.clone();
+                                let basis = basis_rx.take();
                                 ahead = Some(tokio::spawn(async move {
-                                    let found = pipeline.look_up_ahead(&next.changes, novelty).await;
-                                    (next, found)
+                                    pipeline.work_ahead(next, novelty, basis).await
                                 }));
                             }
                             Some(other) => carried = Some(other),
@@ -854,7 +1162,10 @@ impl Pipeline {
                     }
                 };
                 match applied {
-                    Ok(Some(report)) => touched = report.touched,
+                    Ok(Some(report)) => {
+                        touched = report.touched;
+                        landed = report.landed;
+                    }
                     // Stopping: this batch is abandoned, its position not saved.
                     Ok(None) => {
                         abandoned = true;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{MongoContext, Result, SyncError};
-use crate::pipeline::{BatchReport, Origin, Pipeline, Turn};
+use crate::pipeline::{BatchReport, Origin, Overlap, Pipeline, Turn};
 use crate::plan::Novelty;
 use crate::source::change::Change;
 use crate::source::scan;
@@ -197,7 +197,14 @@ impl Copying {
         let shutdown = shutdown.clone();
         let task = tokio::spawn(async move {
             let report = cs
-                .apply_with_retry(&changes, Origin::Snapshot, novelty, None, &turn, &shutdown)
+                .apply_with_retry(
+                    &changes,
+                    Origin::Snapshot,
+                    novelty,
+                    Overlap::none(),
+                    &turn,
+                    &shutdown,
+                )
                 .await;
             if matches!(report, Ok(Some(_))) {
                 let _ = done_tx.send(true);
@@ -361,7 +368,7 @@ async fn prune_stale(
                 &gone,
                 Origin::Snapshot,
                 Novelty::Unknown,
-                None,
+                Overlap::none(),
                 &Turn::now(),
                 shutdown,
             )

@@ -557,7 +557,7 @@ async fn a_first_snapshot_in_overlapping_blind_batches_ends_where_looking_everyt
 /// the key, the second is dead-lettered as a collision.
 #[tokio::test]
 async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
-    use stagesync::pipeline::{Origin, Pipeline, Turn};
+    use stagesync::pipeline::{Origin, Overlap, Pipeline, Turn};
     use stagesync::plan::Novelty;
     use stagesync::source::change::Change;
     let pair = Pair::start();
@@ -592,7 +592,7 @@ async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
                 &first,
                 Origin::Snapshot,
                 Novelty::Everything,
-                None,
+                Overlap::none(),
                 &now,
                 &shutdown,
             )
@@ -605,7 +605,7 @@ async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
         &second,
         Origin::Snapshot,
         Novelty::Everything,
-        None,
+        Overlap::none(),
         &after,
         &shutdown,
     );

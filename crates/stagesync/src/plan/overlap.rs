@@ -14,6 +14,14 @@
 //! documents N wrote end with owners, prior owners and keys that all come from N's changes and
 //! from the documents N read, which `Touched` records). The property test in `plan::tests`
 //! checks the result against looking every batch up after the previous one.
+//!
+//! The pipeline goes one step further when it can: it plans N+1 while N is still being written,
+//! against the state N's plan says staging will be in ([`Touched::planned_after`]): the
+//! looked-up documents N writes are replaced by their planned final states, and the rest are
+//! kept. That plan is used only if N lands exactly as planned — every write taken and every
+//! update or delete matching its document, in one attempt; otherwise N+1 is planned again
+//! after N, with the corrected look-ups above. The property test
+//! `planning_the_next_batch_while_writing_changes_nothing` checks it.
 
 use std::collections::HashSet;
 
@@ -111,6 +119,40 @@ impl Touched {
         stale.len()
     }
 
+    /// Look-ups of the next batch's `changes` made while this batch was being written, turned
+    /// into what they find once its writes land as planned: the documents it writes are
+    /// replaced by their final states ([`Plan::finals`]) that a look-up of `changes` could
+    /// find — owned or formerly owned by one of their production `_id`s, holding one as its
+    /// own `_id`, or holding one of their business keys. That may be more than the look-ups
+    /// would return (they skip what they already know); the plan ignores documents no change
+    /// meets.
+    pub fn planned_after(
+        &self,
+        rules: &Rules,
+        changes: &[Change],
+        prefetched: &mut Vec<Document>,
+        finals: Vec<Document>,
+    ) {
+        prefetched.retain(|d| {
+            !d.get("_id")
+                .is_some_and(|id| self.written.contains(&canonical(id)))
+        });
+        let ids: HashSet<Vec<u8>> = changes.iter().map(|c| canonical(&c.prod_id)).collect();
+        let keys: HashSet<Vec<u8>> = changes
+            .iter()
+            .filter_map(|c| rules.key_of(c.doc.as_ref()?).ok())
+            .map(|k| k.canonical())
+            .collect();
+        let found = |d: &Document| {
+            let mut owners = Touched::default();
+            owners.note_document(rules, d);
+            d.get("_id").is_some_and(|id| ids.contains(&canonical(id)))
+                || owners.ids.iter().any(|id| ids.contains(id))
+                || owners.keys.iter().any(|k| keys.contains(k))
+        };
+        prefetched.extend(finals.into_iter().filter(found));
+    }
+
     /// True when a look-up for `c` may find a document this batch wrote.
     pub fn meets(&self, rules: &Rules, c: &Change) -> bool {
         self.ids.contains(&canonical(&c.prod_id))
@@ -118,6 +160,14 @@ impl Touched {
                 .as_ref()
                 .and_then(|d| rules.key_of(d).ok())
                 .is_some_and(|k| self.keys.contains(&k.canonical()))
+    }
+
+    /// The documents written, alone: all [`Touched::planned_after`] needs.
+    pub fn written_only(&self) -> Touched {
+        Touched {
+            written: self.written.clone(),
+            ..Touched::default()
+        }
     }
 
     pub fn is_empty(&self) -> bool {
