@@ -693,3 +693,162 @@ async fn a_first_snapshot_writes_new_documents_blind_and_still_adopts_by_key() {
     assert_eq!(insert_fallbacks(&engine), 2);
     engine.stop().await.unwrap();
 }
+
+/// Stream batches written from a plan made while the batch before them was being written
+/// (`stagesync_batches_planned_ahead_total` of `orders`).
+fn planned_ahead(engine: &Engine) -> u64 {
+    engine
+        .ctx
+        .metrics
+        .planned_ahead
+        .with_label_values(&["orders"])
+        .get()
+}
+
+/// A backlog read in small batches, each updating and deleting documents the batch before it
+/// inserted, with a staging-only field on a document updated throughout: batches are planned
+/// while the one before them is written, against the state that one plans to leave, and
+/// staging still ends where production does, merged.
+#[tokio::test]
+async fn a_backlog_planned_a_batch_ahead_ends_where_production_does() {
+    let pair = Pair::start();
+    let (_, config) = pair.config("batch_max_events = 10", ORDERS);
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let staging = pair.staging().await.collection::<Document>("orders");
+    let engine = Engine::start(config.clone()).await;
+    prod.insert_one(doc! { "userEmail": "kept@x.org", "accountId": 0, "n": 0 })
+        .await
+        .unwrap();
+    staging_doc_where(&staging, key("kept@x.org", 0), "synced", |_| true).await;
+    staging
+        .update_one(key("kept@x.org", 0), doc! { "$set": { "qa": "mine" } })
+        .await
+        .unwrap();
+    engine.stop().await.unwrap();
+
+    // While stopped: 30 rounds of 10 inserts, then updates of the round before (one of them
+    // moved to a new business key), a delete from it, and an update of the kept document.
+    for round in 1..=30 {
+        let docs: Vec<Document> = (0..10)
+            .map(
+                |i| doc! { "userEmail": format!("r{round}-{i}@x.org"), "accountId": round, "n": 0 },
+            )
+            .collect();
+        prod.insert_many(docs).await.unwrap();
+        let before = round - 1;
+        if before > 0 {
+            prod.update_many(doc! { "accountId": before }, doc! { "$inc": { "n": 1 } })
+                .await
+                .unwrap();
+            prod.update_one(
+                key(&format!("r{before}-1@x.org"), before),
+                doc! { "$set": { "userEmail": format!("moved{before}@x.org") } },
+            )
+            .await
+            .unwrap();
+            prod.delete_one(key(&format!("r{before}-2@x.org"), before))
+                .await
+                .unwrap();
+        }
+        prod.update_one(key("kept@x.org", 0), doc! { "$set": { "n": round } })
+            .await
+            .unwrap();
+    }
+
+    let engine = Engine::start(config.clone()).await;
+    staging_doc_where(&staging, key("kept@x.org", 0), "caught up", |d| {
+        d.get_i32("n") == Ok(30)
+    })
+    .await;
+    let expected = normalized_orders(&prod, &[]).await;
+    eventually(
+        "staging to hold production's documents, 29 soft-deleted",
+        Duration::from_secs(60),
+        || async {
+            normalized_orders(&staging, &["qa", "deleted", "deletedAt"]).await == expected
+                && find_by(&staging, doc! { "deleted": true }).await.len() == 29
+        },
+    )
+    .await;
+    let kept = find_by(&staging, key("kept@x.org", 0)).await;
+    assert_eq!(kept[0].get_str("qa"), Ok("mine"), "{kept:?}");
+    assert!(
+        planned_ahead(&engine) > 0,
+        "no batch of the backlog was planned while the one before it was written"
+    );
+    engine.stop().await.unwrap();
+}
+
+/// A collection's live documents as comparable strings: production's fields only (no `_id`,
+/// no `_sync`, none of `staging_only`), soft-deleted staging documents left out.
+async fn normalized_orders(coll: &Collection<Document>, staging_only: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = all_docs(coll)
+        .await
+        .into_iter()
+        .filter(|d| !d.get_bool("deleted").unwrap_or(false))
+        .map(|d| {
+            let mut fields: Vec<String> = d
+                .iter()
+                .filter(|(k, _)| !["_id", "_sync"].contains(&k.as_str()))
+                .filter(|(k, _)| !staging_only.contains(&k.as_str()))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            fields.sort();
+            fields.join(";")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// An update whose `_sync.ts` guard holds (staging's copy is as new as the change: a replay, or
+/// another writer got there first) or whose document is gone is no error, but staging is then
+/// not as the plan said: the applier counts it, so the next batch is not written from a plan
+/// made against this one's planned state.
+#[tokio::test]
+async fn an_update_whose_guard_holds_or_finds_nothing_is_counted_as_missed() {
+    use mongodb::bson::Timestamp;
+    use stagesync::apply::{Applier, LiteralNames, WriteResult};
+    use stagesync::config::WriteConcernSetting;
+    use stagesync::plan::{PlannedWrite, WriteOp};
+
+    let pair = Pair::start();
+    let db = pair.staging().await;
+    let staging = db.collection::<Document>("orders");
+    let ts = |time| Timestamp { time, increment: 0 };
+    staging
+        .insert_many([
+            doc! { "_id": 1, "v": 1, "_sync": { "ts": ts(10) } },
+            doc! { "_id": 2, "v": 1, "_sync": { "ts": ts(1) } },
+        ])
+        .await
+        .unwrap();
+    let applier = Applier::new(
+        db.clone(),
+        "orders",
+        &WriteConcernSetting::Tag("majority".into()),
+        4,
+        None,
+        "_sync",
+    );
+    // Documents 1 (newer than the change), 2 (older) and 3 (absent), each set to v = 2.
+    let writes: Vec<PlannedWrite> = (1..=3)
+        .map(|id| PlannedWrite {
+            op: WriteOp::Update {
+                id: Bson::Int32(id),
+                set: doc! { "v": 2, "_sync.ts": ts(5) },
+                unset: Document::new(),
+            },
+            changes: vec![0],
+        })
+        .collect();
+    let encoded = applier
+        .encode(&writes, &[Some(ts(5)); 3], &LiteralNames::default())
+        .await;
+    let sent = applier.send(&writes, encoded).await.unwrap();
+    assert_eq!(sent.results, vec![WriteResult::Done; 3]);
+    assert_eq!(sent.missed, 2, "the newer document and the absent one");
+    let v = |d: Vec<Document>| d[0].get_i32("v").unwrap();
+    assert_eq!(v(find_by(&staging, doc! { "_id": 1 }).await), 1);
+    assert_eq!(v(find_by(&staging, doc! { "_id": 2 }).await), 2);
+}
