@@ -15,7 +15,8 @@
 //! 7. backlog catch-up: `stagesync run` stopped, a mixed burst written, the process restarted,
 //!    timed until staging is checked in sync, with CPU per applied change of each process;
 //! 8. a separate `max_writes_per_second` run;
-//! 9. `stagesync snapshot` of N documents next to staging's raw `insert_many` of the same N;
+//! 9. `stagesync snapshot` of N documents next to staging's raw `insert_many` of the same N, plain
+//!    and shaped as stagesync writes them;
 //!
 //! and the peak RSS of every stagesync process of the run.
 //!
@@ -525,6 +526,9 @@ async fn snapshot_bench(
          | staging raw `insert_many` of {n} small documents (batches of 1000, stagesync's indexes) | {raw} |\n\
          | `stagesync snapshot` of {n} production documents (read, business-key look-up, merge, bulk write; checked by count) | {snap} |\n\
          | snapshot rate / raw insert rate | {ratio:.2} |\n\
+         | staging raw `insert_many` of the same documents shaped as stagesync writes them (production `_id`, `_sync`) | {shaped} |\n\
+         | snapshot rate / shaped insert rate | {shaped_ratio:.2} |\n\
+         | staging CPU per document: plain insert / shaped insert / snapshot | {raw_us} / {shaped_us} / {snap_us} |\n\
          | peak RSS of `stagesync snapshot` | {peak_mib:.1} MiB |\n\n\
          The snapshot does more than insert: each batch of 1000 is masked, planned (merge, `_sync` metadata) and \
          written; staging holds nothing from production yet, so the copies are inserted without a look-up and \
@@ -536,6 +540,11 @@ async fn snapshot_bench(
         raw = r.raw.show("docs/s"),
         snap = r.snap.show("docs/s"),
         ratio = r.ratio(),
+        shaped = r.shaped.show("docs/s"),
+        shaped_ratio = r.shaped_ratio(),
+        raw_us = us(r.raw_staging_us),
+        shaped_us = us(r.shaped_staging_us),
+        snap_us = us(r.snap_staging_us()),
         peak_mib = kib_to_mib(r.peak_rss_kb),
         cpu = cpu_summary(&r.cpu),
     );
@@ -551,6 +560,14 @@ struct SnapshotResult {
     n: u64,
     /// Staging's raw insert_many of the same N documents.
     raw: Rate,
+    /// Staging's CPU per document of `raw`, µs.
+    raw_staging_us: Option<f64>,
+    /// Staging's raw insert_many of the same N documents shaped as stagesync writes them (with
+    /// `_sync`: production `_id`, cluster time, owned field names): the floor of a copy that
+    /// can be merged and matched later.
+    shaped: Rate,
+    /// Staging's CPU per document of `shaped`, µs.
+    shaped_staging_us: Option<f64>,
     snap: Rate,
     peak_rss_kb: u64,
     /// CPU while `stagesync snapshot` ran.
@@ -561,6 +578,35 @@ impl SnapshotResult {
     fn ratio(&self) -> f64 {
         self.snap.per_sec() / self.raw.per_sec().max(1e-9)
     }
+
+    /// The snapshot's rate over the raw insert of documents shaped as stagesync writes them.
+    fn shaped_ratio(&self) -> f64 {
+        self.snap.per_sec() / self.shaped.per_sec().max(1e-9)
+    }
+
+    /// Staging's CPU per copied document, µs.
+    fn snap_staging_us(&self) -> Option<f64> {
+        self.cpu
+            .get("staging server")
+            .map(|s| s * 1e6 / self.n.max(1) as f64)
+    }
+}
+
+/// Staging's CPU per document while `insert` ran, µs.
+async fn staging_us_per_doc<F: std::future::Future<Output = anyhow::Result<()>>>(
+    env: &Env,
+    n: u64,
+    insert: F,
+) -> anyhow::Result<(Rate, Option<f64>)> {
+    let ticks = clock_ticks();
+    let pids = env.pids(None);
+    let before = CpuSnapshot::take(&pids, ticks);
+    let started = Instant::now();
+    insert.await?;
+    let rate = Rate::new(n, started.elapsed());
+    let cpu = CpuUse::between(&before, &CpuSnapshot::take(&pids, ticks));
+    let us = cpu.get("staging server").map(|s| s * 1e6 / n.max(1) as f64);
+    Ok((rate, us))
 }
 
 /// N documents copied by `stagesync snapshot` (a child process, checked by counting), next to
@@ -578,11 +624,26 @@ async fn snapshot_measure(
     raw_db.drop().await?;
     let raw_coll: Collection<Document> = raw_db.collection(COLLECTION);
     stagesync_indexes(env, &raw_db).await?;
-    let started = Instant::now();
-    insert_range(&raw_coll, 0, n as i64).await?;
-    let raw = Rate::new(n, started.elapsed());
+    let (raw, raw_staging_us) =
+        staging_us_per_doc(env, n, insert_range(&raw_coll, 0, n as i64)).await?;
     raw_db.drop().await?;
-    println!("  {}", raw.show("docs/s"));
+    println!(
+        "  {}; staging CPU {} per document",
+        raw.show("docs/s"),
+        us(raw_staging_us)
+    );
+    // The same documents as a first snapshot writes them: under their production `_id`, with
+    // the `_sync` metadata later changes are matched and merged by.
+    let raw_coll: Collection<Document> = raw_db.collection(COLLECTION);
+    stagesync_indexes(env, &raw_db).await?;
+    let (shaped, shaped_staging_us) =
+        staging_us_per_doc(env, n, insert_staged_range(&raw_coll, n as i64)).await?;
+    raw_db.drop().await?;
+    println!(
+        "  the same documents shaped as stagesync writes them (with `_sync`): {}; staging CPU {} per document",
+        shaped.show("docs/s"),
+        us(shaped_staging_us)
+    );
 
     println!("\n[{step2}] seeding production with {n} documents");
     let prod_db = env.prod.database("bench_snap_prod");
@@ -661,13 +722,18 @@ async fn snapshot_measure(
     let result = SnapshotResult {
         n,
         raw,
+        raw_staging_us,
+        shaped,
+        shaped_staging_us,
         snap,
         peak_rss_kb,
         cpu: CpuUse::between(&cpu_before, &cpu_after),
     };
     println!(
-        "  snapshot rate = {:.2} × staging's raw insert_many rate",
-        result.ratio()
+        "  snapshot rate = {:.2} × staging's raw insert_many rate ({:.2} × the shaped documents'); staging CPU {} per copy",
+        result.ratio(),
+        result.shaped_ratio(),
+        us(result.snap_staging_us())
     );
     prod_db.drop().await?;
     env.staging.database("bench_snap_staging").drop().await?;
@@ -906,6 +972,25 @@ async fn insert_range(coll: &Collection<Document>, lo: i64, hi: i64) -> anyhow::
         coll.insert_many((at..end).map(order_doc).collect::<Vec<_>>())
             .await
             .context("insert_many")?;
+        at = end;
+    }
+    Ok(())
+}
+
+/// Documents `0..n` shaped as a first snapshot writes them ([`staged_order_doc`] under their
+/// production `_id`), in `insert_many` batches of [`CHUNK`], one at a time.
+async fn insert_staged_range(coll: &Collection<Document>, n: i64) -> anyhow::Result<()> {
+    let ts = bench_ts(0);
+    let mut at = 0;
+    while at < n {
+        let end = (at + CHUNK as i64).min(n);
+        coll.insert_many(
+            (at..end)
+                .map(|id| staged_order_doc(id, Bson::Int64(id), ts))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .context("insert_many of shaped documents")?;
         at = end;
     }
     Ok(())
@@ -3296,6 +3381,21 @@ impl Report<'_> {
                 "not measured (--snapshot-docs 0)",
             )),
         }
+        if let Some(snap) = &self.snapshot {
+            rows.push(Row::info(
+                "9",
+                "snapshot vs raw insert_many of documents shaped as stagesync writes them",
+                format!(
+                    "{:.0} vs {:.0} docs/s ({:.2}×); staging CPU {} vs {} (plain {}) per document",
+                    snap.snap.per_sec(),
+                    snap.shaped.per_sec(),
+                    snap.shaped_ratio(),
+                    us(snap.snap_staging_us()),
+                    us(snap.shaped_staging_us),
+                    us(snap.raw_staging_us)
+                ),
+            ));
+        }
         let (phase, peak) = self
             .rss_phases()
             .into_iter()
@@ -3614,12 +3714,20 @@ impl Report<'_> {
                  copied by `stagesync snapshot -c <config>` (a child process, fresh staging and metadata databases; read, \
                  merge, bulk write without a look-up — staging holds nothing from production yet — checkpoint per batch), timed from its \
                  start to its exit and checked by counting staging's documents with `_sync`: {}, {:.2}× the raw rate \
-                 (target ≥ {SNAPSHOT_VS_INSERT}×). Peak RSS (VmHWM) of `stagesync snapshot`: {:.1} MiB. CPU {}.",
+                 (target ≥ {SNAPSHOT_VS_INSERT}×). Peak RSS (VmHWM) of `stagesync snapshot`: {:.1} MiB. CPU {}. \
+                 For where the gap lies, the raw insert is repeated with the documents shaped as stagesync writes them \
+                 (under their production `_id`, with `_sync`: production `_id`, cluster time, owned field names): {}, \
+                 {:.2}× of which the snapshot reaches; staging's CPU per document: plain {}, shaped {}, snapshot {}.",
                 snap.raw.show("docs/s"),
                 snap.snap.show("docs/s"),
                 snap.ratio(),
                 kib_to_mib(snap.peak_rss_kb),
                 cpu_summary(&snap.cpu),
+                snap.shaped.show("docs/s"),
+                snap.shaped_ratio(),
+                us(snap.raw_staging_us),
+                us(snap.shaped_staging_us),
+                us(snap.snap_staging_us()),
                 n = snap.n,
             )?,
             None => writeln!(md, "- **Item 9 (snapshot).** Not measured (`--snapshot-docs 0`).")?,
@@ -4007,11 +4115,19 @@ impl Report<'_> {
                 writeln!(
                     md,
                     "- **Snapshot** (item 9). {:.0} docs/s, {:.2}× staging's raw insert_many of the same documents (target \
-                     {SNAPSHOT_VS_INSERT}× MISSED). CPU while `stagesync snapshot` ran {}. Bound: {}.",
+                     {SNAPSHOT_VS_INSERT}× MISSED). CPU while `stagesync snapshot` ran {}. Bound: {}. The documents \
+                     themselves cost staging {} of CPU each against {} for the plain ones (`_sync` and the production \
+                     `_id`): inserting them shaped as stagesync writes them, with nothing else to do, runs at {:.2}× the \
+                     plain rate, and the snapshot reaches {:.2}× of that; it spends {} of staging CPU per copy.",
                     snap.snap.per_sec(),
                     snap.ratio(),
                     cpu_summary(&snap.cpu),
-                    bound(&snap.cpu)
+                    bound(&snap.cpu),
+                    us(snap.shaped_staging_us),
+                    us(snap.raw_staging_us),
+                    snap.shaped.per_sec() / snap.raw.per_sec().max(1e-9),
+                    snap.shaped_ratio(),
+                    us(snap.snap_staging_us())
                 )?;
             }
         }
@@ -4077,9 +4193,10 @@ impl Report<'_> {
              8. **max_writes_per_second**: another `stagesync run` with `max_writes_per_second = {RATE_LIMIT}` on fresh \
              databases, a burst of inserts, and staging's document count sampled every second; the rate is taken over the \
              samples without the first and last fifth.\n\
-             9. **Snapshot**: staging's raw `insert_many` of N documents (stagesync's indexes), then the same N documents \
-             copied from production by `stagesync snapshot` as a child process, timed from its start to its exit, checked \
-             by count.\n",
+             9. **Snapshot**: staging's raw `insert_many` of N documents (stagesync's indexes), then of the same N \
+             documents shaped as stagesync writes them (under their production `_id`, with `_sync`), then the same N \
+             documents copied from production by `stagesync snapshot` as a child process, timed from its start to its \
+             exit, checked by count. Staging's CPU per document is its CPU over each of the three, divided by N.\n",
             self.raw_indexes.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
             self.env.exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "stagesync".into()),
             TICK.as_millis(),
