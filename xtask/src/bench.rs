@@ -977,7 +977,7 @@ async fn insert_range(coll: &Collection<Document>, lo: i64, hi: i64) -> anyhow::
     Ok(())
 }
 
-/// Documents `0..n` shaped as a first snapshot writes them ([`staged_order_doc`] under their
+/// Documents `0..n` shaped as stagesync writes them ([`staged_order_doc`] under their
 /// production `_id`), in `insert_many` batches of [`CHUNK`], one at a time.
 async fn insert_staged_range(coll: &Collection<Document>, n: i64) -> anyhow::Result<()> {
     let ts = bench_ts(0);
@@ -1330,19 +1330,7 @@ async fn raw_guard(env: &Env, n: u64) -> anyhow::Result<GuardResult> {
         .context("dropping bench_raw_guard on staging")?;
     let coll: Collection<Document> = db.collection(COLLECTION);
     stagesync_indexes(env, &db).await?;
-    let ts0 = bench_ts(0);
-    let mut at = 0i64;
-    while at < n as i64 {
-        let end = (at + CHUNK as i64).min(n as i64);
-        coll.insert_many(
-            (at..end)
-                .map(|id| staged_order_doc(id, Bson::Int64(id), ts0))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .context("insert_many on staging")?;
-        at = end;
-    }
+    insert_staged_range(&coll, n as i64).await?;
     let mut plain = Duration::ZERO;
     let mut guarded = Duration::ZERO;
     for pass in 1..=2 * GUARD_ROUNDS {
