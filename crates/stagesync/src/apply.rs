@@ -20,8 +20,11 @@ use crate::plan::{canonical, PlannedWrite, Rules, WriteOp};
 use crate::retry::{command_code, DUPLICATE_KEY, WRITE_CONCERN_UNSATISFIABLE};
 use crate::source::change::Change;
 
-/// Largest number of statements in one command, and a soft cap on its size.
-const MAX_STATEMENTS: usize = 500;
+/// Largest number of statements in one command, and a soft cap on its size. A whole batch of
+/// the default size (1000 changes) fits one command per kind of write: a snapshot batch is one
+/// insert command, and staging pays one command's overhead and write-concern wait per batch
+/// instead of two (docs/BENCHMARKS.md, note 10). `maxWriteBatchSize` is 100 000 since MongoDB 3.6.
+const MAX_STATEMENTS: usize = 1000;
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 /// `maxBsonObjectSize` when staging does not say (every MongoDB since 1.8: 16 MiB).
 pub const DEFAULT_MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
@@ -199,7 +202,7 @@ impl Applier {
                 }
             }
         }
-        let chunks = self.chunks(writes, &statements);
+        let chunks = chunks(writes, &statements, self.limiter.as_ref().map(|l| l.burst));
         Encoded {
             results,
             statements,
@@ -284,51 +287,6 @@ impl Applier {
             done.missed += right.missed;
             Ok(done)
         })
-    }
-
-    /// Groups the encoded statements by command kind into chunks bounded in count and size.
-    fn chunks(
-        &self,
-        writes: &[PlannedWrite],
-        statements: &[Option<RawDocumentBuf>],
-    ) -> Vec<Vec<usize>> {
-        let mut chunks = Vec::new();
-        for kind in 0..3u8 {
-            let idx: Vec<usize> = (0..writes.len())
-                .filter(|&i| statements[i].is_some() && kind_of(&writes[i].op) == kind)
-                .collect();
-            if idx.is_empty() {
-                continue;
-            }
-            // As few commands as the statement cap allows, filled evenly: each command costs
-            // staging a write and a wait for its write concern of its own, and concurrent
-            // update commands on one collection contend with each other (docs/BENCHMARKS.md,
-            // note 9). Commands of different kinds, and those of a kind too large for one,
-            // still run concurrently, up to `apply_concurrency`.
-            let commands = idx.len().div_ceil(MAX_STATEMENTS);
-            let spread = idx.len().div_ceil(commands);
-            // With a rate limit, a chunk may not exceed the token bucket's burst.
-            let cap = match &self.limiter {
-                Some(l) => spread.min(l.burst as usize),
-                None => spread.min(MAX_STATEMENTS),
-            };
-            let mut current = Vec::new();
-            let mut bytes = 0usize;
-            for i in idx {
-                let size = statements[i].as_ref().map_or(0, |s| s.as_bytes().len());
-                if !current.is_empty() && (current.len() >= cap || bytes + size > MAX_COMMAND_BYTES)
-                {
-                    chunks.push(std::mem::take(&mut current));
-                    bytes = 0;
-                }
-                bytes += size;
-                current.push(i);
-            }
-            if !current.is_empty() {
-                chunks.push(current);
-            }
-        }
-        chunks
     }
 
     /// The statement a write becomes in its command (the document of an `insert`, the
@@ -481,6 +439,50 @@ impl Applier {
             missed: sent.saturating_sub(refused + n),
         })
     }
+}
+
+/// Groups the encoded statements (`None`: refused before sending) by command kind into chunks
+/// bounded in count and size; `burst`: the rate limiter's, which no chunk may exceed.
+fn chunks(
+    writes: &[PlannedWrite],
+    statements: &[Option<RawDocumentBuf>],
+    burst: Option<u32>,
+) -> Vec<Vec<usize>> {
+    let mut chunks = Vec::new();
+    for kind in 0..3u8 {
+        let idx: Vec<usize> = (0..writes.len())
+            .filter(|&i| statements[i].is_some() && kind_of(&writes[i].op) == kind)
+            .collect();
+        if idx.is_empty() {
+            continue;
+        }
+        // As few commands as the statement cap allows, filled evenly: each command costs
+        // staging a write and a wait for its write concern of its own, and concurrent
+        // update commands on one collection contend with each other (docs/BENCHMARKS.md,
+        // notes 9 and 10). Commands of different kinds, and those of a kind too large for one,
+        // still run concurrently, up to `apply_concurrency`.
+        let commands = idx.len().div_ceil(MAX_STATEMENTS);
+        let spread = idx.len().div_ceil(commands);
+        let cap = match burst {
+            Some(burst) => spread.min(burst as usize),
+            None => spread,
+        };
+        let mut current = Vec::new();
+        let mut bytes = 0usize;
+        for i in idx {
+            let size = statements[i].as_ref().map_or(0, |s| s.as_bytes().len());
+            if !current.is_empty() && (current.len() >= cap || bytes + size > MAX_COMMAND_BYTES) {
+                chunks.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            bytes += size;
+            current.push(i);
+        }
+        if !current.is_empty() {
+            chunks.push(current);
+        }
+    }
+    chunks
 }
 
 fn kind_of(op: &WriteOp) -> u8 {
@@ -779,6 +781,68 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    fn planned(ops: impl IntoIterator<Item = WriteOp>) -> Vec<PlannedWrite> {
+        ops.into_iter()
+            .enumerate()
+            .map(|(i, op)| PlannedWrite {
+                op,
+                changes: vec![i],
+            })
+            .collect()
+    }
+
+    fn encoded(writes: &[PlannedWrite], bytes: usize) -> Vec<Option<RawDocumentBuf>> {
+        let pad = "x".repeat(bytes);
+        writes
+            .iter()
+            .map(|_| Some(RawDocumentBuf::from_document(&doc! { "pad": &pad }).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_of_the_default_size_goes_in_one_command_per_kind_of_write() {
+        let mut ops: Vec<WriteOp> = (0..700)
+            .map(|i| WriteOp::Insert(doc! { "_id": i }))
+            .collect();
+        ops.extend((0..300).map(|i| WriteOp::Update {
+            id: Bson::Int32(i),
+            set: doc! { "a": 1 },
+            unset: Document::new(),
+        }));
+        let writes = planned(ops);
+        let sizes: Vec<usize> = chunks(&writes, &encoded(&writes, 10), None)
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(sizes, [700, 300]);
+    }
+
+    #[test]
+    fn larger_batches_are_filled_evenly_within_the_count_size_and_rate_caps() {
+        let writes = planned((0..2500).map(|i| WriteOp::Insert(doc! { "_id": i })));
+        let sizes = |bytes, burst| -> Vec<usize> {
+            chunks(&writes, &encoded(&writes, bytes), burst)
+                .iter()
+                .map(Vec::len)
+                .collect()
+        };
+        assert_eq!(sizes(10, None), [834, 834, 832]);
+        assert_eq!(sizes(10, Some(200)).iter().max(), Some(&200));
+        // Statements of ~16 KiB: the 8 MiB size cap splits before the count cap does.
+        let big = sizes(16 * 1024, None);
+        assert!(big.len() > 3 && big.iter().all(|&n| n < 834), "{big:?}");
+        assert_eq!(big.iter().sum::<usize>(), 2500);
+    }
+
+    #[test]
+    fn a_statement_refused_before_sending_is_in_no_command() {
+        let writes = planned((0..10).map(|i| WriteOp::Insert(doc! { "_id": i })));
+        let mut statements = encoded(&writes, 10);
+        statements[3] = None;
+        let all: Vec<usize> = chunks(&writes, &statements, None).concat();
+        assert_eq!(all, [0, 1, 2, 4, 5, 6, 7, 8, 9]);
     }
 
     #[test]
