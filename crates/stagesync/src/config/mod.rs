@@ -124,7 +124,7 @@ pub struct SyncSettings {
     #[serde(deserialize_with = "de_millis")]
     pub batch_max_wait_ms: u64,
     /// The most bulk-write commands of a batch in flight at once. A batch sends each kind of
-    /// write (insert, update, delete) in as few commands of up to 1000 statements as it can.
+    /// write (insert, update, delete) in as few commands of up to 500 statements as it can.
     pub apply_concurrency: usize,
     /// Token bucket on staging writes (documents per second); none by default.
     pub max_writes_per_second: Option<u32>,
