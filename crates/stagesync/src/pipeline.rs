@@ -314,7 +314,7 @@ impl Pipeline {
             novelty,
         };
         let mut touched = Touched::default();
-        let (planned_changes, mut prepared) = match ahead {
+        let (planned_changes, prepared) = match ahead {
             Ahead::Planned(planned) => {
                 let Planned {
                     masked,
@@ -342,7 +342,7 @@ impl Pipeline {
             // The receiver is gone when the next batch is not planned ahead: nothing to do.
             let _ = basis.send(Basis {
                 touched: touched.written_only(),
-                finals: std::mem::take(&mut prepared.plan.finals),
+                finals: prepared.plan.final_documents().cloned().collect(),
             });
         }
         // From here on `changes` are the ones planned: masked with staging's knowledge too.

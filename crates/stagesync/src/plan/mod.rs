@@ -579,10 +579,23 @@ pub struct Plan {
     /// Changes that created a staging document under a fresh `_id` although
     /// `new_document_id = "production"`: a staging document already held their production `_id`.
     pub fresh_ids: Vec<usize>,
+    /// The documents the updates of `writes` leave in staging, whole (an insert's is its own
+    /// document): see [`Plan::final_documents`].
+    updated: Vec<Document>,
+}
+
+impl Plan {
     /// The documents `writes` leave in staging, whole (a document deleted is not among them):
     /// the next batch can be planned against them before they are written (see
-    /// [`Touched::planned_after`]).
-    pub finals: Vec<Document>,
+    /// [`Touched::planned_after`]). Borrowed, so that a batch nobody plans ahead of (a
+    /// snapshot's, a replay's) copies none of them.
+    pub fn final_documents(&self) -> impl Iterator<Item = &Document> {
+        let inserted = self.writes.iter().filter_map(|w| match &w.op {
+            WriteOp::Insert(d) => Some(d),
+            _ => None,
+        });
+        inserted.chain(&self.updated)
+    }
 }
 
 /// A staging document as the batch goes on.
@@ -1099,22 +1112,18 @@ fn finish_plan(rules: &Rules, w: Working, outcomes: Vec<Outcome>) -> Plan {
         .collect();
     let mut vacate = Vec::new();
     let mut writes = Vec::new();
-    let mut finals = Vec::new();
+    let mut updated = Vec::new();
     for (s, (start, end)) in slots.into_iter().zip(&keys) {
         let gives_key_away = start
             .as_ref()
             .is_some_and(|k| taken.contains(k) && start != end);
         let op = match (s.original, s.current) {
-            (None, Some(doc)) => {
-                finals.push(doc.clone());
-                WriteOp::Insert(doc)
-            }
+            (None, Some(doc)) => WriteOp::Insert(doc),
             (Some(before), Some(after)) => {
                 let (mut set, mut unset) = diff(&before, &after);
                 if set.is_empty() && unset.is_empty() {
                     continue;
                 }
-                finals.push(after.clone());
                 let id = before.get("_id").cloned().unwrap_or(Bson::Null);
                 if gives_key_away {
                     vacate.push(placeholder_write(rules, &id));
@@ -1128,6 +1137,7 @@ fn finish_plan(rules: &Rules, w: Working, outcomes: Vec<Outcome>) -> Plan {
                         get_path(&after, field).cloned(),
                     );
                 }
+                updated.push(after);
                 WriteOp::Update { id, set, unset }
             }
             (Some(before), None) => {
@@ -1149,7 +1159,7 @@ fn finish_plan(rules: &Rules, w: Working, outcomes: Vec<Outcome>) -> Plan {
         writes,
         outcomes,
         fresh_ids,
-        finals,
+        updated,
     }
 }
 

@@ -1496,7 +1496,7 @@ fn pipeline_batch(
 ) -> (Touched, Option<Vec<Document>>) {
     let r = rules();
     let (existing, plan) = planned(staging, changes, novelty, looked_up_ahead);
-    let finals = plan.finals.clone();
+    let finals: Vec<Document> = plan.final_documents().cloned().collect();
     let mut touched = Touched::default();
     touched.record(&r, changes, &existing, &plan);
     let at = pause % (plan.writes.len() + 3);
