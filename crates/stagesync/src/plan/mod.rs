@@ -580,21 +580,30 @@ pub struct Plan {
     /// `new_document_id = "production"`: a staging document already held their production `_id`.
     pub fresh_ids: Vec<usize>,
     /// The documents the updates of `writes` leave in staging, whole (an insert's is its own
-    /// document): see [`Plan::final_documents`].
+    /// document): see [`Plan::take_final_documents`].
     updated: Vec<Document>,
 }
 
 impl Plan {
-    /// The documents `writes` leave in staging, whole (a document deleted is not among them):
-    /// the next batch can be planned against them before they are written (see
-    /// [`Touched::planned_after`]). Borrowed, so that a batch nobody plans ahead of (a
-    /// snapshot's, a replay's) copies none of them.
-    pub fn final_documents(&self) -> impl Iterator<Item = &Document> {
-        let inserted = self.writes.iter().filter_map(|w| match &w.op {
-            WriteOp::Insert(d) => Some(d),
-            _ => None,
-        });
-        inserted.chain(&self.updated)
+    /// Moves the documents `writes` leave in staging, whole, out of the plan (a document
+    /// deleted is not among them): the next batch can be planned against them before they are
+    /// written (see [`Touched::planned_after`]). Taken once the writes are encoded
+    /// (`Applier::encode`), so nothing is copied; an insert keeps only its `_id`, the one part
+    /// of it read afterwards (by `references`). A batch nobody plans ahead of (a snapshot's, a
+    /// replay's) takes nothing.
+    pub fn take_final_documents(&mut self) -> Vec<Document> {
+        let mut finals = Vec::with_capacity(self.writes.len());
+        for w in &mut self.writes {
+            if let WriteOp::Insert(d) = &mut w.op {
+                let mut id_only = Document::new();
+                if let Some(id) = d.get("_id") {
+                    id_only.insert("_id", id.clone());
+                }
+                finals.push(std::mem::replace(d, id_only));
+            }
+        }
+        finals.append(&mut self.updated);
+        finals
     }
 }
 

@@ -1495,8 +1495,12 @@ fn pipeline_batch(
     ahead: &mut dyn FnMut(&[Document]),
 ) -> (Touched, Option<Vec<Document>>) {
     let r = rules();
-    let (existing, plan) = planned(staging, changes, novelty, looked_up_ahead);
-    let finals: Vec<Document> = plan.final_documents().cloned().collect();
+    let (existing, mut plan) = planned(staging, changes, novelty, looked_up_ahead);
+    // As the pipeline does: the writes go out as they were encoded, the plan gives its final
+    // documents up.
+    let encoded = plan.clone();
+    let finals = plan.take_final_documents();
+    let plan = encoded;
     let mut touched = Touched::default();
     touched.record(&r, changes, &existing, &plan);
     let at = pause % (plan.writes.len() + 3);
