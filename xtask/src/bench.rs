@@ -354,14 +354,9 @@ pub async fn command(args: BenchArgs, exe: PathBuf) -> anyhow::Result<i32> {
          (measured right before and right after item 7, which it is compared with)",
         sizes.backlog
     );
-    let before = oracle(&env, sizes.backlog)
+    let before = oracle_shown(&env, sizes.backlog)
         .await
         .context("item 4 (oracle, before item 7)")?;
-    println!(
-        "  {}; staging CPU {} per write",
-        before.rate.show("writes/s"),
-        us(before.staging_us_per_write())
-    );
 
     println!(
         "\n[7/9] backlog catch-up: stagesync run stopped, a {}-change mixed burst written, stagesync run restarted",
@@ -371,14 +366,9 @@ pub async fn command(args: BenchArgs, exe: PathBuf) -> anyhow::Result<i32> {
         .await
         .context("item 7 (backlog catch-up)")?;
     println!("\n[4/9] oracle again, right after item 7");
-    let after = oracle(&env, sizes.backlog)
+    let after = oracle_shown(&env, sizes.backlog)
         .await
         .context("item 4 (oracle, after item 7)")?;
-    println!(
-        "  {}; staging CPU {} per write",
-        after.rate.show("writes/s"),
-        us(after.staging_us_per_write())
-    );
     let oracle = OracleResult::together(before, after);
     println!("  item 7: {}", catch_up_line(&catch_up, &oracle));
 
@@ -1449,6 +1439,17 @@ impl OracleResult {
             .get("staging server")
             .map(|s| s * 1e6 / self.rate.n.max(1) as f64)
     }
+}
+
+/// [`oracle`], its rate and staging's CPU per write printed.
+async fn oracle_shown(env: &Env, changes: u64) -> anyhow::Result<OracleResult> {
+    let o = oracle(env, changes).await?;
+    println!(
+        "  {}; staging CPU {} per write",
+        o.rate.show("writes/s"),
+        us(o.staging_us_per_write())
+    );
+    Ok(o)
 }
 
 /// The floor any sync into this staging server pays for the mixed burst: its final state

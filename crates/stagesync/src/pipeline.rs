@@ -309,13 +309,11 @@ impl Pipeline {
         overlap: Overlap,
         turn: &Turn,
     ) -> Result<BatchReport> {
-        let Overlap { ahead, basis } = overlap;
+        let Overlap { mut ahead, basis } = overlap;
         // A plan made ahead made the batch's new documents out already.
-        let (fresh, ahead) = match ahead {
-            Ahead::Planned(mut planned) => {
-                (std::mem::take(&mut planned.fresh), Ahead::Planned(planned))
-            }
-            other => (fresh_inserts(&self.rules, changes, novelty), other),
+        let fresh = match &mut ahead {
+            Ahead::Planned(planned) => std::mem::take(&mut planned.fresh),
+            _ => fresh_inserts(&self.rules, changes, novelty),
         };
         let first = Pass::First {
             fresh: &fresh,
@@ -1253,19 +1251,20 @@ enum Pass<'a> {
     Second,
 }
 
-/// [`Checkpoint::horizon`] at a clean stop: no run applied a change after it. This run applied
-/// changes up to `position` only; earlier ones none after `replayed_until`. Without the
-/// latter, only a stream that caught up with the present (`caught_up`: no change between the
-/// two) can say it.
 /// Frees `value` on a thread of its own. Freeing a batch's thousand documents takes about a
 /// millisecond, and between two batches staging waits for every moment stagesync spends.
-/// (Not used for a plan: after [`crate::plan::Plan::take_final_documents`] a stream batch's plan is small,
-/// and freeing a snapshot's plans elsewhere raised the snapshot's peak RSS by 15-23 MiB in
-/// A/B runs — memory freed by another thread is given back later — for no measurable gain.)
+/// Not used for a plan: once [`crate::plan::Plan::take_final_documents`] took its documents a
+/// stream batch's plan is small, and freeing a snapshot's plans elsewhere raised its peak RSS
+/// by 15-23 MiB in A/B runs (memory freed by another thread is given back later) for no
+/// measurable gain.
 fn free_elsewhere<T: Send + 'static>(value: T) {
     tokio::task::spawn_blocking(move || drop(value));
 }
 
+/// [`Checkpoint::horizon`] at a clean stop: no run applied a change after it. This run applied
+/// changes up to `position` only; earlier ones none after `replayed_until`. Without the
+/// latter, only a stream that caught up with the present (`caught_up`: no change between the
+/// two) can say it.
 fn stop_horizon(
     position: Option<Timestamp>,
     replayed_until: Option<Timestamp>,
