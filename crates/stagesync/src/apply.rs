@@ -97,6 +97,8 @@ pub struct Applier {
     collection: String,
     /// `writeConcern` of every command, encoded once.
     write_concern: RawDocumentBuf,
+    /// The same for the driver's `insert_many` ([`Applier::insert_chunk`]).
+    driver_write_concern: mongodb::options::WriteConcern,
     write_concern_setting: WriteConcernSetting,
     concurrency: usize,
     limiter: Option<Arc<WriteLimiter>>,
@@ -120,6 +122,7 @@ impl Applier {
             db,
             collection: collection.to_string(),
             write_concern: raw_write_concern(write_concern),
+            driver_write_concern: self::write_concern(write_concern),
             write_concern_setting: write_concern.clone(),
             concurrency: concurrency.max(1),
             limiter,
@@ -439,31 +442,24 @@ impl Applier {
             .collection::<RawDocumentBuf>(&self.collection)
             .insert_many(documents)
             .ordered(false)
-            .write_concern(write_concern(&self.write_concern_setting))
+            .write_concern(self.driver_write_concern.clone())
             .await;
         let mut out: Vec<(usize, WriteResult)> =
             chunk.iter().map(|&i| (i, WriteResult::Done)).collect();
-        let failure = match inserted {
-            Ok(_) => {
-                return Ok(Chunk {
-                    results: out,
-                    missed: 0,
-                })
+        if let Err(failure) = inserted {
+            let DriverErrorKind::InsertMany(refusals) = failure.kind.as_ref() else {
+                return Err(self.command_failed(failure));
+            };
+            if let Some(wce) = &refusals.write_concern_error {
+                return Err(self.write_concern_failed(&wce.message, wce.code));
             }
-            Err(e) => e,
-        };
-        let DriverErrorKind::InsertMany(refusals) = failure.kind.as_ref() else {
-            return Err(self.command_failed(failure));
-        };
-        if let Some(wce) = &refusals.write_concern_error {
-            return Err(self.write_concern_failed(&wce.message, wce.code));
-        }
-        for e in refusals.write_errors.iter().flatten() {
-            if let Some(slot) = out.get_mut(e.index) {
-                slot.1 = WriteResult::Refused {
-                    code: e.code,
-                    message: e.message.clone(),
-                };
+            for e in refusals.write_errors.iter().flatten() {
+                if let Some(slot) = out.get_mut(e.index) {
+                    slot.1 = WriteResult::Refused {
+                        code: e.code,
+                        message: e.message.clone(),
+                    };
+                }
             }
         }
         // An insert is either stored or refused: none is missed.
