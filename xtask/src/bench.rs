@@ -3201,14 +3201,15 @@ impl Report<'_> {
     /// this staging server needs: one that wrote at the oracle's rate from the first production
     /// write on (the oracle writes the final state alone on the machine, with no look-ups, so
     /// during a live burst no sync writes faster) is done when the oracle's time for that many
-    /// writes is over. `None` without an oracle run.
-    fn tail_floor(&self) -> Option<f64> {
+    /// writes is over. `(the oracle's time for the burst, the floor)`; `None` without an oracle
+    /// run.
+    fn tail_floor(&self) -> Option<(f64, f64)> {
         let o = &self.oracle;
         if o.rate.n == 0 {
             return None;
         }
         let oracle_secs = self.burst.changes as f64 / o.rate.per_sec();
-        Some((oracle_secs - self.burst.write_secs).max(0.0))
+        Some((oracle_secs, (oracle_secs - self.burst.write_secs).max(0.0)))
     }
 
     fn burst_rate(&self) -> Option<f64> {
@@ -3326,14 +3327,13 @@ impl Report<'_> {
                     format!("≤ {TAIL_TARGET_SECS:.0} s"),
                     tail <= TAIL_TARGET_SECS,
                 ));
-                if let Some(floor) = self.tail_floor() {
+                if let Some((oracle_secs, floor)) = self.tail_floor() {
                     rows.push(Row::info(
                         "5",
                         "live burst: the least any sync could need after the last production write",
                         format!(
-                            "{floor:.2} s (the oracle's writes for {} changes take {:.2} s; production took {:.2} s)",
+                            "{floor:.2} s (the oracle's writes for {} changes take {oracle_secs:.2} s; production took {:.2} s)",
                             b.changes,
-                            b.changes as f64 / o.rate.per_sec(),
                             b.write_secs
                         ),
                     ));
@@ -4159,14 +4159,13 @@ impl Report<'_> {
                     b.changes as f64 / t.max(1e-9),
                     bound(&b.cpu)
                 )?;
-                if let Some(floor) = self.tail_floor() {
+                if let Some((oracle_secs, floor)) = self.tail_floor() {
                     writeln!(
                         md,
                         "  The least any sync could need here: the oracle (item 4) writes the final state of {} changes in \
-                         {:.2} s alone on this machine, with no look-ups; started at the first production write, a sync \
-                         writing that fast would be done {floor:.2} s after the last one. {}",
+                         {oracle_secs:.2} s alone on this machine, with no look-ups; started at the first production write, a \
+                         sync writing that fast would be done {floor:.2} s after the last one. {}",
                         b.changes,
-                        b.changes as f64 / self.oracle.rate.per_sec(),
                         if floor > TAIL_TARGET_SECS {
                             format!("The target of {TAIL_TARGET_SECS:.0} s is out of reach on this machine in this run.")
                         } else {
