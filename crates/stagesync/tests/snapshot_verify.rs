@@ -398,6 +398,70 @@ async fn a_continued_snapshot_reads_on_after_its_last_copied_id_across_id_types(
     ctx.shutdown().await;
 }
 
+/// The snapshot's reader takes its batch bounds from a pass over the `_id`s as it goes, starts
+/// its first range at the first `_id` the pass saw and ends with its last one. Whatever the
+/// batch size, and with `_id`s of several kinds (which sort by kind first), it must read every
+/// document exactly once, in `_id` order.
+#[tokio::test]
+async fn a_snapshot_reads_every_document_once_in_id_order_whatever_its_batch_size() {
+    let pair = Pair::start();
+    let (_, config) = pair.config("", ORDERS);
+    let prod = pair.prod().await.collection::<Document>("orders");
+    let oid = mongodb::bson::oid::ObjectId::new();
+    let ids: Vec<Bson> = [Bson::Null]
+        .into_iter()
+        .chain((0..5).map(Bson::Int32))
+        .chain([
+            Bson::Double(5.5),
+            Bson::from("a"),
+            Bson::from("b"),
+            Bson::ObjectId(oid),
+            Bson::Boolean(true),
+        ])
+        .collect();
+    prod.insert_many(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| doc! { "_id": id.clone(), "userEmail": format!("e{i}"), "accountId": 1 })
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let ctx = stagesync::context::Context::connect(config.clone())
+        .await
+        .unwrap();
+    let pipeline = ctx.pipeline(config.collection("orders").unwrap());
+    for batch_size in [1, 2, 3, 4, ids.len() - 1, ids.len(), 100] {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(ids.len() + 1);
+        stagesync::source::scan::read_documents(
+            pipeline.source.clone(),
+            pipeline.masker.clone(),
+            None,
+            Timestamp {
+                time: 1,
+                increment: 1,
+            },
+            None,
+            batch_size,
+            tx,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
+        let mut read = Vec::new();
+        while let Some(batch) = rx.recv().await {
+            let batch = batch.unwrap();
+            assert!(
+                batch.len() <= batch_size,
+                "batches of at most {batch_size}: {}",
+                batch.len()
+            );
+            read.extend(batch.into_iter().map(|c| c.prod_id));
+        }
+        assert_eq!(read, ids, "batches of {batch_size}");
+    }
+    ctx.shutdown().await;
+}
+
 /// A snapshot continued after a restart reads documents long after its start `T`, in the state
 /// production's later changes left them in; the stream then replays every change since `T`.
 /// Those changes must not be applied again on top of copies that already reflect them: an

@@ -72,48 +72,56 @@ pub async fn read_documents(
         }
         backoff.reset();
     }
-    // Where each batch ends: every `batch_size`-th `_id` after `last_id`, from one pass over
-    // the `_id` index. Each batch is then a bounded range, which servers answer by reading that
-    // range only; an open-ended `{_id: {$gt: x}}` with a limit is answered on some servers
-    // (secantusd-rs) by materialising everything after `x` — quadratic over a snapshot.
-    let bounds = loop {
-        match batch_bounds(&source, filter.as_ref(), last_id.as_ref(), batch_size).await {
-            Ok(b) => break b,
-            Err(e) => {
-                let e = failed(e);
-                if !e.is_transient() {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                tracing::warn!(collection = %name, error = %e, "production unavailable during the snapshot; retrying");
-                if backoff.wait(&shutdown).await != Wait::Retry {
-                    return;
-                }
-            }
-        }
-    };
-    backoff.reset();
+    // Where each batch ends: every `batch_size`-th `_id` of one pass over the `_id` index,
+    // read as the copy goes. Each batch is then a bounded range, which servers answer by
+    // reading that range only; an open-ended `{_id: {$gt: x}}` with a limit is answered on some
+    // servers (secantusd-rs) by materialising everything after `x` — quadratic over a
+    // snapshot. The first batch is read as soon as the pass names its bound, not after the
+    // whole pass.
+    let mut bounds = Bounds::new(filter.clone(), last_id.clone(), batch_size);
     let mut session: Option<ClientSession> = None;
-    // The last range is open-ended: documents inserted after the pass are read too.
-    let mut ranges = bounds.into_iter().map(Some).chain([None]);
-    let mut upper = ranges.next().flatten();
+    // The bound of a range whose read failed, read again after the wait.
+    let mut retry: Option<Bson> = None;
     loop {
         if shutdown.is_cancelled() {
             return;
         }
-        let read = read_range(
-            &source,
-            &mut session,
-            filter.as_ref(),
-            last_id.as_ref(),
-            upper.as_ref(),
-        )
-        .await;
+        let bound = match retry.take() {
+            Some(bound) => bound,
+            None => match bounds.next(&source).await {
+                Ok(Some(bound)) => bound,
+                // The pass is over and every range up to its last `_id` is copied. A document
+                // inserted since has an `_id` the pass did not see, and the change stream,
+                // which starts before the copy, brings it.
+                Ok(None) => return,
+                Err(e) => {
+                    let e = failed(e);
+                    if !e.is_transient() {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    tracing::warn!(collection = %name, error = %e, "production unavailable during the snapshot; retrying");
+                    if backoff.wait(&shutdown).await != Wait::Retry {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        // A first range starts at the first `_id` the pass saw, as an index range: documents
+        // before it were inserted after the copy began, which the stream brings.
+        let lower = match (&last_id, bounds.first()) {
+            (Some(after), _) => Lower::After(after),
+            (None, Some(first)) => Lower::From(first),
+            (None, None) => Lower::Start,
+        };
+        let read = read_range(&source, &mut session, filter.as_ref(), lower, &bound).await;
         let (stamp, docs) = match read {
             Ok(r) => r,
             Err(e) => {
                 // A new session after an outage (the old one may be tied to a dead server).
                 session = None;
+                retry = Some(bound);
                 let e = failed(e);
                 if !e.is_transient() {
                     let _ = tx.send(Err(e)).await;
@@ -136,48 +144,126 @@ pub async fn read_documents(
         if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
             return;
         }
-        match upper.take() {
-            // The range is read up to its bound (which may have been deleted meanwhile); the
-            // raw `_id` stays in memory only.
-            Some(bound) => {
-                last_id = Some(bound);
-                upper = ranges.next().flatten();
-            }
-            None => return,
-        }
+        // The range is read up to its bound (which may have been deleted meanwhile); the raw
+        // `_id` stays in memory only.
+        last_id = Some(bound);
     }
 }
 
-/// Every `batch_size`-th `_id` after `after` (those `filter` matches), in `_id` order: the
-/// upper bounds of the snapshot's batches.
-async fn batch_bounds(
-    source: &Collection<Document>,
-    filter: Option<&crate::filter::Filter>,
-    after: Option<&Bson>,
+/// The upper bounds of the snapshot's batches, in `_id` order: every `batch_size`-th `_id` of
+/// one pass over the `_id` index (those `filter` matches) after where the copy stands, then the
+/// last `_id` of the pass. The pass is read as the bounds are asked for; broken by an outage,
+/// it is opened again after the last bound handed out.
+struct Bounds {
+    filter: Option<crate::filter::Filter>,
     batch_size: usize,
-) -> mongodb::error::Result<Vec<Bson>> {
-    let range = after_filter(after);
-    let query = match filter {
-        Some(f) => f.and(range),
-        None => range,
-    };
-    let mut cursor = source
-        .find(query)
-        .projection(doc! { "_id": 1 })
-        .sort(doc! { "_id": 1 })
-        .batch_size(10_000)
-        .await?;
-    let mut bounds = Vec::new();
-    let mut n = 0usize;
-    while let Some(d) = cursor.try_next().await? {
-        n += 1;
-        if n.is_multiple_of(batch_size) {
-            if let Some(id) = d.get("_id") {
-                bounds.push(id.clone());
-            }
+    /// The pass, while open.
+    cursor: Option<mongodb::Cursor<Document>>,
+    /// Where the pass (re)opens: after the last bound handed out; until the first, after the
+    /// copy's position (`None`: at the start of the collection).
+    after: Option<Bson>,
+    /// `_id`s read since the last bound handed out, and the last of them.
+    counted: usize,
+    last_seen: Option<Bson>,
+    /// The first `_id` of a pass opened at the start of the collection.
+    first: Option<Bson>,
+    done: bool,
+}
+
+impl Bounds {
+    fn new(
+        filter: Option<crate::filter::Filter>,
+        after: Option<Bson>,
+        batch_size: usize,
+    ) -> Bounds {
+        Bounds {
+            filter,
+            batch_size,
+            cursor: None,
+            after,
+            counted: 0,
+            last_seen: None,
+            first: None,
+            done: false,
         }
     }
-    Ok(bounds)
+
+    /// The first `_id` of the collection, once the pass started there has read it.
+    fn first(&self) -> Option<&Bson> {
+        self.first.as_ref()
+    }
+
+    /// The next bound; `None` once the pass is over and its last `_id` handed out.
+    async fn next(
+        &mut self,
+        source: &Collection<Document>,
+    ) -> mongodb::error::Result<Option<Bson>> {
+        if self.done {
+            return Ok(None);
+        }
+        let result = self.read(source).await;
+        if result.is_err() {
+            // Opened again after the last bound handed out: the `_id`s counted since are read
+            // once more.
+            self.cursor = None;
+            self.counted = 0;
+            self.last_seen = None;
+        }
+        result
+    }
+
+    async fn read(
+        &mut self,
+        source: &Collection<Document>,
+    ) -> mongodb::error::Result<Option<Bson>> {
+        let cursor = match &mut self.cursor {
+            Some(c) => c,
+            None => {
+                let range = after_filter(self.after.as_ref());
+                let query = match &self.filter {
+                    Some(f) => f.and(range),
+                    None => range,
+                };
+                let opened = source
+                    .find(query)
+                    .projection(doc! { "_id": 1 })
+                    .sort(doc! { "_id": 1 })
+                    .batch_size(10_000)
+                    .await?;
+                self.cursor.insert(opened)
+            }
+        };
+        while let Some(d) = cursor.try_next().await? {
+            let Some(id) = d.get("_id").cloned() else {
+                continue;
+            };
+            if self.first.is_none() && self.after.is_none() {
+                self.first = Some(id.clone());
+            }
+            self.counted += 1;
+            if self.counted == self.batch_size {
+                self.counted = 0;
+                self.last_seen = None;
+                self.after = Some(id.clone());
+                return Ok(Some(id));
+            }
+            self.last_seen = Some(id);
+        }
+        self.done = true;
+        self.cursor = None;
+        Ok(self.last_seen.take())
+    }
+}
+
+/// Where a snapshot range starts.
+#[derive(Clone, Copy)]
+enum Lower<'a> {
+    /// At the start of the collection, in BSON order across kinds of `_id`.
+    Start,
+    /// At this `_id`, included.
+    From(&'a Bson),
+    /// After this `_id`.
+    After(&'a Bson),
 }
 
 /// `_id` after `after` in BSON order, across kinds: `$gt` within its kind (numbers, strings,
@@ -207,17 +293,18 @@ fn upto_filter(upto: &Bson) -> Document {
 }
 
 /// One batch: production's operation time, then (causally after it) the documents with an
-/// `_id` after `after` and up to `upto` (to the end when `None`), in `_id` order.
+/// `_id` from `lower` up to `upto` (included), in `_id` order.
 ///
-/// Within one kind of `_id` the range is `{$gt: after, $lte: upto}`, read from the `_id` index
-/// alone; a range that spans kinds (numbers, then strings, …) is the union of the end of the
-/// first kind, the kinds between and the start of the last — rare, at most once per kind.
+/// Within one kind of `_id` the range is `{$gt: after, $lte: upto}` (or `$gte` from a first
+/// `_id`), read from the `_id` index alone; a range that spans kinds (numbers, then strings, …)
+/// is the union of the end of the first kind, the kinds between and the start of the last —
+/// rare, at most once per kind.
 async fn read_range(
     source: &Collection<Document>,
     session: &mut Option<ClientSession>,
     filter: Option<&crate::filter::Filter>,
-    after: Option<&Bson>,
-    upto: Option<&Bson>,
+    lower: Lower<'_>,
+    upto: &Bson,
 ) -> mongodb::error::Result<(Option<Timestamp>, Vec<Document>)> {
     let session = match session {
         Some(s) => s,
@@ -237,18 +324,15 @@ async fn read_range(
         .session(&mut *session)
         .await?;
     let stamp = session.operation_time();
-    let range = match (after, upto) {
-        (Some(a), Some(u)) if id_kind(a) == id_kind(u) => {
-            doc! { "_id": { "$gt": a.clone(), "$lte": u.clone() } }
+    let range = match lower {
+        Lower::After(a) if id_kind(a) == id_kind(upto) => {
+            doc! { "_id": { "$gt": a.clone(), "$lte": upto.clone() } }
         }
-        (a, Some(u)) => {
-            let mut both = vec![upto_filter(u)];
-            if a.is_some() {
-                both.push(after_filter(a));
-            }
-            doc! { "$and": both }
+        Lower::From(f) if id_kind(f) == id_kind(upto) => {
+            doc! { "_id": { "$gte": f.clone(), "$lte": upto.clone() } }
         }
-        (a, None) => after_filter(a),
+        Lower::After(a) => doc! { "$and": [upto_filter(upto), after_filter(Some(a))] },
+        Lower::From(_) | Lower::Start => upto_filter(upto),
     };
     let query = match filter {
         Some(f) => f.and(range),
