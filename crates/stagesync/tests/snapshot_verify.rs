@@ -46,6 +46,18 @@ async fn seed_production(prod: &mongodb::Collection<Document>, n: i32) {
     }
 }
 
+/// One production document per `_id` in `ids`, each with a business key of its own.
+async fn insert_with_ids(prod: &mongodb::Collection<Document>, ids: &[Bson]) {
+    prod.insert_many(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| doc! { "_id": id.clone(), "userEmail": format!("e{i}"), "accountId": 1 })
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn snapshot_under_live_writes_then_verify_finds_exactly_the_tampering() {
     let pair = Pair::start();
@@ -353,14 +365,7 @@ async fn a_continued_snapshot_reads_on_after_its_last_copied_id_across_id_types(
             Bson::ObjectId(oid),
         ])
         .collect();
-    prod.insert_many(
-        ids.iter()
-            .enumerate()
-            .map(|(i, id)| doc! { "_id": id.clone(), "userEmail": format!("e{i}"), "accountId": 1 })
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
+    insert_with_ids(&prod, &ids).await;
     let ctx = stagesync::context::Context::connect(config.clone())
         .await
         .unwrap();
@@ -419,14 +424,7 @@ async fn a_snapshot_reads_every_document_once_in_id_order_whatever_its_batch_siz
             Bson::Boolean(true),
         ])
         .collect();
-    prod.insert_many(
-        ids.iter()
-            .enumerate()
-            .map(|(i, id)| doc! { "_id": id.clone(), "userEmail": format!("e{i}"), "accountId": 1 })
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
+    insert_with_ids(&prod, &ids).await;
     let ctx = stagesync::context::Context::connect(config.clone())
         .await
         .unwrap();

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::change::Change;
 use crate::error::{Result, SyncError};
-use crate::retry::{RetryPolicy, Wait};
+use crate::retry::{Backoff, RetryPolicy, Wait};
 use crate::transform::Masker;
 
 /// Reads `source` after `last_id` in `_id` order — only the documents `filter` matches, when
@@ -56,13 +56,9 @@ pub async fn read_documents(
                     tracing::info!(collection = %name, "the snapshot's last copied document is gone from production; copying from the start again");
                 }
                 Err(e) => {
-                    let e = failed(e);
-                    if !e.is_transient() {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                    tracing::warn!(collection = %name, error = %e, "production unavailable while resuming the snapshot; retrying");
-                    if backoff.wait(&shutdown).await != Wait::Retry {
+                    let resuming = "while resuming the snapshot";
+                    if !retry_after(failed(e), &name, resuming, &tx, &mut backoff, &shutdown).await
+                    {
                         return;
                     }
                     continue;
@@ -95,13 +91,7 @@ pub async fn read_documents(
                 // which starts before the copy, brings it.
                 Ok(None) => return,
                 Err(e) => {
-                    let e = failed(e);
-                    if !e.is_transient() {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                    tracing::warn!(collection = %name, error = %e, "production unavailable during the snapshot; retrying");
-                    if backoff.wait(&shutdown).await != Wait::Retry {
+                    if !retry_after(failed(e), &name, DURING, &tx, &mut backoff, &shutdown).await {
                         return;
                     }
                     continue;
@@ -122,13 +112,7 @@ pub async fn read_documents(
                 // A new session after an outage (the old one may be tied to a dead server).
                 session = None;
                 retry = Some(bound);
-                let e = failed(e);
-                if !e.is_transient() {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                tracing::warn!(collection = %name, error = %e, "production unavailable during the snapshot; retrying");
-                if backoff.wait(&shutdown).await != Wait::Retry {
+                if !retry_after(failed(e), &name, DURING, &tx, &mut backoff, &shutdown).await {
                     return;
                 }
                 continue;
@@ -148,6 +132,27 @@ pub async fn read_documents(
         // `_id` stays in memory only.
         last_id = Some(bound);
     }
+}
+
+const DURING: &str = "during the snapshot";
+
+/// After a failed read of production: a lasting error goes to the copy and the reader stops
+/// (false); a transient one is waited out with the backoff (true: read again), unless the
+/// shutdown comes first. `when` completes "production unavailable …" in the log.
+async fn retry_after(
+    error: SyncError,
+    collection: &str,
+    when: &str,
+    tx: &mpsc::Sender<Result<Vec<Change>>>,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> bool {
+    if !error.is_transient() {
+        let _ = tx.send(Err(error)).await;
+        return false;
+    }
+    tracing::warn!(collection, error = %error, "production unavailable {when}; retrying");
+    backoff.wait(shutdown).await == Wait::Retry
 }
 
 /// The upper bounds of the snapshot's batches, in `_id` order: every `batch_size`-th `_id` of
