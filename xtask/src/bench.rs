@@ -637,23 +637,35 @@ impl SnapshotResult {
 
     /// One line: when the first copy landed, the rate from there, and the floor.
     fn timeline(&self) -> String {
-        let after = match (self.first_write_secs, self.copy_rate()) {
+        format!(
+            "from its first write on: {}; the least any snapshot could need here: {}",
+            self.after_first_write(),
+            self.floor_shown()
+        )
+    }
+
+    /// The copy from its first write on: rate against both raw inserts, and when it began.
+    fn after_first_write(&self) -> String {
+        match (self.first_write_secs, self.copy_rate()) {
             (Some(first), Some(rate)) => format!(
-                "first copy in staging {first:.2} s after the start, then {rate:.0} docs/s ({:.2}× the raw rate, {:.2}× \
-                 the shaped documents')",
+                "{rate:.0} docs/s ({:.2}× raw insert_many, {:.2}× shaped); first write {first:.2} s after the start",
                 rate / self.raw.per_sec().max(1e-9),
                 rate / self.shaped.per_sec().max(1e-9)
             ),
-            _ => "the first copy was not seen before the snapshot exited".to_string(),
-        };
+            _ => "not seen (no poll found a copy before the snapshot exited)".to_string(),
+        }
+    }
+
+    /// [`SnapshotResult::floor_secs`], its rate, and what it is made of.
+    fn floor_shown(&self) -> String {
         format!(
-            "{after}; the least any snapshot could need here: {:.2} s ({:.2} s to production's first batch + {:.2} s \
-             for staging's raw insert of the shaped documents), {:.0} docs/s, {:.2}× the raw rate",
+            "{:.2} s, {:.0} docs/s ({:.2}× raw insert_many): production's first batch of the whole collection \
+             {:.2} s + staging's raw insert of the shaped documents {:.2} s",
             self.floor_secs(),
-            self.first_read_secs,
-            self.shaped.secs,
             self.n as f64 / self.floor_secs(),
-            self.floor_ratio()
+            self.floor_ratio(),
+            self.first_read_secs,
+            self.shaped.secs
         )
     }
 }
@@ -3662,27 +3674,12 @@ impl Report<'_> {
             rows.push(Row::info(
                 "9",
                 "snapshot from its first write on",
-                match (snap.first_write_secs, snap.copy_rate()) {
-                    (Some(first), Some(rate)) => format!(
-                        "{rate:.0} docs/s ({:.2}× raw insert_many, {:.2}× shaped); first write {first:.2} s after the start",
-                        rate / snap.raw.per_sec().max(1e-9),
-                        rate / snap.shaped.per_sec().max(1e-9)
-                    ),
-                    _ => "not seen (no poll found a copy before the snapshot exited)".to_string(),
-                },
+                snap.after_first_write(),
             ));
             rows.push(Row::info(
                 "9",
                 "the least any snapshot could need here",
-                format!(
-                    "{:.2} s, {:.0} docs/s ({:.2}× raw insert_many): production's first batch of the whole collection \
-                     {:.2} s + staging's raw insert of the shaped documents {:.2} s",
-                    snap.floor_secs(),
-                    snap.n as f64 / snap.floor_secs(),
-                    snap.floor_ratio(),
-                    snap.first_read_secs,
-                    snap.shaped.secs
-                ),
+                snap.floor_shown(),
             ));
         }
         let (phase, peak) = self
