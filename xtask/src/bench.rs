@@ -3292,6 +3292,16 @@ impl Row {
     }
 }
 
+/// For the README's paragraph: ", 2 runs together, right before and right after <what>" when a
+/// baseline was measured on both sides of `what`; nothing for a single run.
+fn both_runs(runs: usize, what: &str) -> String {
+    if runs > 1 {
+        format!(", {runs} runs together, right before and right after {what}")
+    } else {
+        String::new()
+    }
+}
+
 /// 1000000 → "1 000 000", as the README writes numbers.
 fn group(n: u64) -> String {
     let digits = n.to_string();
@@ -4249,7 +4259,8 @@ impl Report<'_> {
     }
 
     /// README's generated Performance paragraph: the headline figures of this run and the
-    /// targets missed.
+    /// targets missed. A baseline measured on both sides of what it is compared with says so:
+    /// its rate is the two runs taken together.
     fn performance_summary(&self, rows: &[Row]) -> String {
         let b = &self.burst;
         let c = &self.catch_up;
@@ -4276,12 +4287,13 @@ impl Report<'_> {
         match c.rate() {
             Some(rate) => parts.push(format!(
                 "a backlog of {} changes written while stagesync was stopped is caught up after a restart at {} \
-                 changes/s, {:.2}× the oracle (the same final state written straight into staging: {} writes/s), with \
-                 the staging server spending {} of CPU per change (the oracle {} per write)",
+                 changes/s, {:.2}× the oracle (the same final state written straight into staging: {} writes/s{}), \
+                 with the staging server spending {} of CPU per change (the oracle {} per write)",
                 group(c.changes),
                 group(rate.round() as u64),
                 rate / o.rate.per_sec().max(1e-9),
                 group(o.rate.per_sec().round() as u64),
+                both_runs(o.runs.len(), "the catch-up"),
                 us(c.us_per_change("staging server")),
                 us(o.staging_us_per_write())
             )),
@@ -4300,11 +4312,12 @@ impl Report<'_> {
         if let Some(snap) = &self.snapshot {
             parts.push(format!(
                 "an initial snapshot of {} documents runs at {} docs/s, {:.2}× staging's raw `insert_many` of the same \
-                 documents ({} docs/s)",
+                 documents ({} docs/s{})",
                 group(snap.n),
                 group(snap.snap.per_sec().round() as u64),
                 snap.ratio(),
-                group(snap.raw.per_sec().round() as u64)
+                group(snap.raw.per_sec().round() as u64),
+                both_runs(snap.raw_runs.len(), "the snapshot"),
             ));
         }
         let peak = self
@@ -4797,6 +4810,15 @@ mod tests {
             replace_between_markers("# x\n\n## Performance\n", "new"),
             None
         );
+    }
+
+    #[test]
+    fn a_baseline_measured_around_a_phase_says_so() {
+        assert_eq!(
+            both_runs(2, "the snapshot"),
+            ", 2 runs together, right before and right after the snapshot"
+        );
+        assert_eq!(both_runs(1, "the snapshot"), "");
     }
 
     #[test]

@@ -103,6 +103,20 @@ impl Rules {
         Ok(BusinessKey(values))
     }
 
+    /// `key_of(doc)`'s [`BusinessKey::canonical`] bytes, or `None` when a key field is missing:
+    /// what the planner's maps and sets hold. Read in place, without copying the values — the
+    /// planner asks this several times per change.
+    pub fn canonical_key(&self, doc: &Document) -> Option<Vec<u8>> {
+        let mut values = Vec::with_capacity(self.business_key.len());
+        for field in &self.business_key {
+            match get_path(doc, field) {
+                Some(Bson::Null) | None => return None,
+                Some(v) => values.push(v),
+            }
+        }
+        Some(canonical_key_of(values))
+    }
+
     /// The first look-ups of a batch: the staging documents recorded as coming from the
     /// batch's production `_id`s (`_sync.id $in [...]`) and, when some of its changes may have
     /// been applied already, those that once did (`_sync.prior.id $in [...]`: their `prior`
@@ -196,7 +210,7 @@ impl Rules {
             .iter()
             .filter_map(|d| {
                 let id = meta_of(d, &self.meta_field)?.get("id")?;
-                Some((canonical(id), self.key_of(d).ok().map(|k| k.canonical())))
+                Some((canonical(id), self.canonical_key(d)))
             })
             .collect();
         let mut seen = std::collections::HashSet::new();
@@ -314,12 +328,7 @@ pub fn fresh_inserts(rules: &Rules, changes: &[Change], novelty: Novelty) -> Fre
     if novelty == Novelty::Unknown {
         return Fresh::new();
     }
-    let key = |c: &Change| {
-        c.doc
-            .as_ref()
-            .and_then(|d| rules.key_of(d).ok())
-            .map(|k| k.canonical())
-    };
+    let key = |c: &Change| c.doc.as_ref().and_then(|d| rules.canonical_key(d));
     // Production `_id` → the insert's key, while every change so far keeps it.
     let mut candidates: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
     for c in changes {
@@ -377,18 +386,7 @@ pub struct BusinessKey(pub Vec<Bson>);
 impl BusinessKey {
     /// A byte string equal for equal keys (BSON of the values), usable as a map key.
     pub fn canonical(&self) -> Vec<u8> {
-        let mut out = vec![b'k'];
-        if !encode_fields(&mut out, self.0.iter().enumerate()) {
-            let d: Document = self
-                .0
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (i.to_string(), v.clone()))
-                .collect();
-            out.truncate(1);
-            out.extend(mongodb::bson::to_vec(&d).unwrap_or_default());
-        }
-        out
+        canonical_key_of(self.0.iter().collect())
     }
 
     pub fn filter(&self, fields: &[String]) -> Document {
@@ -419,6 +417,21 @@ fn short(v: &Bson) -> String {
 }
 
 /// A byte string equal for equal BSON values (used to index `_id`s): the BSON of `{"v": v}`.
+/// [`BusinessKey::canonical`] of a key's values.
+fn canonical_key_of(values: Vec<&Bson>) -> Vec<u8> {
+    let mut out = vec![b'k'];
+    if !encode_fields(&mut out, values.iter().copied().enumerate()) {
+        let d: Document = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i.to_string(), v.clone()))
+            .collect();
+        out.truncate(1);
+        out.extend(mongodb::bson::to_vec(&d).unwrap_or_default());
+    }
+    out
+}
+
 pub fn canonical(v: &Bson) -> Vec<u8> {
     let mut out = vec![b'i'];
     // The common `_id` types are written directly (no clone, no serializer); see
@@ -638,7 +651,7 @@ impl BatchIndex {
         for (at, c) in changes.iter().enumerate() {
             let id = canonical(&c.prod_id);
             index.last_change.insert(id.clone(), at);
-            let key = |d: &Document| rules.key_of(d).ok().map(|k| k.canonical());
+            let key = |d: &Document| rules.canonical_key(d);
             match (c.op, &c.doc) {
                 (Op::Insert, Some(d)) => {
                     if let Some(k) = key(d) {
@@ -784,8 +797,8 @@ impl<'r> Working<'r> {
                 }
             }
         }
-        if let Ok(k) = self.rules.key_of(doc) {
-            self.by_key.entry(k.canonical()).or_insert(i);
+        if let Some(k) = self.rules.canonical_key(doc) {
+            self.by_key.entry(k).or_insert(i);
         }
     }
 
@@ -801,7 +814,7 @@ impl<'r> Working<'r> {
         let id = meta_of(&doc, &self.rules.meta_field)
             .and_then(|m| m.get("id"))
             .map(canonical);
-        let key = self.rules.key_of(&doc).ok().map(|k| k.canonical());
+        let key = self.rules.canonical_key(&doc);
         let mut released_ids: Vec<Vec<u8>> = id
             .filter(|k| self.by_prod_id.get(k) == Some(&i))
             .into_iter()
@@ -834,8 +847,8 @@ impl<'r> Working<'r> {
                 .is_some_and(|id| released_ids.contains(&canonical(id)));
             let claims_key = self
                 .rules
-                .key_of(d)
-                .is_ok_and(|k| released_keys.contains(&k.canonical()));
+                .canonical_key(d)
+                .is_some_and(|k| released_keys.contains(&k));
             if claims_id || claims_key {
                 self.index(j);
             }
@@ -970,8 +983,7 @@ impl<'r> Working<'r> {
             self.slots[j]
                 .current
                 .as_ref()
-                .and_then(|d| self.rules.key_of(d).ok())
-                .map(|k| k.canonical())
+                .and_then(|d| self.rules.canonical_key(d))
         };
         self.tentative
             .iter()
@@ -1108,7 +1120,7 @@ fn finish_plan(rules: &Rules, w: Working, outcomes: Vec<Outcome>) -> Plan {
     // another written document holds at the start depends on that one moving first; a swap or
     // rotation makes those dependencies a cycle no order of final writes can satisfy. So every
     // document whose starting key is taken by another first moves to a placeholder key.
-    let key_at = |d: Option<&Document>| d.and_then(|d| rules.key_of(d).ok()).map(|k| k.canonical());
+    let key_at = |d: Option<&Document>| d.and_then(|d| rules.canonical_key(d));
     // Each slot's key at the start and at the end of the batch, read once.
     type StartAndEnd = (Option<Vec<u8>>, Option<Vec<u8>>);
     let keys: Vec<StartAndEnd> = slots

@@ -61,8 +61,8 @@ impl Touched {
     pub fn record_read(&mut self, rules: &Rules, changes: &[Change], existing: &[Document]) {
         for c in changes {
             self.ids.insert(canonical(&c.prod_id));
-            if let Some(k) = c.doc.as_ref().and_then(|d| rules.key_of(d).ok()) {
-                self.keys.insert(k.canonical());
+            if let Some(k) = c.doc.as_ref().and_then(|d| rules.canonical_key(d)) {
+                self.keys.insert(k);
             }
         }
         for d in existing {
@@ -97,8 +97,8 @@ impl Touched {
                 }
             }
         }
-        if let Ok(k) = rules.key_of(d) {
-            self.keys.insert(k.canonical());
+        if let Some(k) = rules.canonical_key(d) {
+            self.keys.insert(k);
         }
     }
 
@@ -140,8 +140,7 @@ impl Touched {
         let ids: HashSet<Vec<u8>> = changes.iter().map(|c| canonical(&c.prod_id)).collect();
         let keys: HashSet<Vec<u8>> = changes
             .iter()
-            .filter_map(|c| rules.key_of(c.doc.as_ref()?).ok())
-            .map(|k| k.canonical())
+            .filter_map(|c| rules.canonical_key(c.doc.as_ref()?))
             .collect();
         let found = |d: &Document| {
             let mut owners = Touched::default();
@@ -158,8 +157,8 @@ impl Touched {
         self.ids.contains(&canonical(&c.prod_id))
             || c.doc
                 .as_ref()
-                .and_then(|d| rules.key_of(d).ok())
-                .is_some_and(|k| self.keys.contains(&k.canonical()))
+                .and_then(|d| rules.canonical_key(d))
+                .is_some_and(|k| self.keys.contains(&k))
     }
 
     /// The documents written, alone: all [`Touched::planned_after`] needs.

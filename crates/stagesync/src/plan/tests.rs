@@ -453,6 +453,34 @@ fn canonical_forms_are_the_bson_of_the_value() {
 }
 
 #[test]
+fn a_documents_canonical_key_is_its_business_keys_canonical_form() {
+    let r = rules();
+    let values = [
+        Bson::from("ann@x.org"),
+        Bson::Int32(-7),
+        Bson::Int64(1 << 40),
+        Bson::ObjectId(mongodb::bson::oid::ObjectId::new()),
+        Bson::Double(1.5),
+        Bson::Document(doc! { "a": 1 }),
+    ];
+    for email in &values {
+        for acct in &values {
+            let d = doc! { "_id": 1, "email": email.clone(), "acct": acct.clone() };
+            let expected = r.key_of(&d).unwrap().canonical();
+            assert_eq!(r.canonical_key(&d), Some(expected), "{d:?}");
+        }
+    }
+    // A missing or null key field: no key, as `key_of` says.
+    for d in [
+        doc! { "email": "a" },
+        doc! { "email": "a", "acct": Bson::Null },
+    ] {
+        assert!(r.key_of(&d).is_err());
+        assert_eq!(r.canonical_key(&d), None, "{d:?}");
+    }
+}
+
+#[test]
 fn only_first_time_inserts_after_the_replay_horizon_skip_their_lookups() {
     let r = rules();
     let d = |id: i32, email: &str| Some(doc! { "_id": id, "email": email, "acct": 1 });
