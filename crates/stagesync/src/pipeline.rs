@@ -728,7 +728,9 @@ impl Pipeline {
         } = prepared;
         let set_aside_duplicate_keys = matches!(pass, Pass::First { .. });
         turn.wait().await?;
-        self.references.before_writes(&plan, &unresolved).await?;
+        self.references
+            .before_writes(&plan.writes, &unresolved)
+            .await?;
         let mut landed = Landed::AsPlanned;
         // Key swaps and rotations: placeholder keys first, acknowledged, then the final writes.
         if !plan.vacate.is_empty() {
@@ -768,7 +770,9 @@ impl Pipeline {
             }
         }
         duplicate_key.sort_unstable();
-        self.references.after_writes(&changes, &unresolved).await?;
+        self.references
+            .after_writes(&plan.writes, &changes, &unresolved)
+            .await?;
         self.note_fresh_ids(&changes, &plan.fresh_ids, &outcomes, &duplicate_key);
         Ok(Written {
             changes,

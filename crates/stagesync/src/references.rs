@@ -15,7 +15,9 @@
 //! `<metadata_database>.pending_references` — *before* the document holding it is written, so
 //! a `kill -9` at any point loses none. Pending fix-ups are resolved
 //! - right after the batch that recorded them, should the referenced document have arrived
-//!   meanwhile;
+//!   meanwhile — judged from what the batch wrote, not from the records: another resolver may
+//!   have settled one on the document as it was while the batch's writes were in flight (one
+//!   still waiting is recorded again);
 //! - as soon as the referenced document arrives: every batch of a referenced collection
 //!   (stream, snapshot, adoption, replay) resolves the fix-ups waiting for its `_id`s;
 //! - by a sweep every few seconds while the referencing collection is synced, which also
@@ -37,7 +39,7 @@ use mongodb::{Collection, Database};
 use crate::config::Config;
 use crate::error::{MongoContext, Result};
 use crate::metrics::Metrics;
-use crate::plan::{canonical, meta_of, PathPatterns, Plan, WriteOp};
+use crate::plan::{canonical, meta_of, PathPatterns, PlannedWrite, WriteOp};
 use crate::source::change::Change;
 
 /// The metadata collection holding pending fix-ups.
@@ -71,6 +73,16 @@ pub struct Unresolved {
     pub referenced: String,
     /// The production `_id` referred to (masked where `_id` is).
     pub value: Bson,
+}
+
+/// Where the pending fix-ups being settled come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recheck {
+    /// Read from the metadata database: one still waiting stays as it is.
+    Stored,
+    /// Made from a batch just written: one still waiting is stored again, in case another
+    /// resolver deleted its record while the batch was in flight.
+    Written,
 }
 
 /// One collection's references and the pending fix-ups it takes part in. Cheap to clone.
@@ -259,19 +271,17 @@ impl References {
         ))
     }
 
-    /// Records the pending fix-ups of a planned batch — before its writes, so that a crash
-    /// after a write never leaves a reference nobody will fix.
-    pub async fn before_writes(&self, plan: &Plan, unresolved: &[Unresolved]) -> Result<()> {
-        if unresolved.is_empty() {
-            return Ok(());
-        }
+    /// The pending fix-ups of a planned batch, as stored: one record per reference of a
+    /// document it writes (inserted or updated) whose referenced document is not in staging,
+    /// keyed by sync, collection, staging `_id`, path and production value.
+    fn pending_records(&self, writes: &[PlannedWrite], unresolved: &[Unresolved]) -> Vec<Document> {
         let mut by_change: HashMap<usize, Vec<&Unresolved>> = HashMap::new();
         for u in unresolved {
             by_change.entry(u.change).or_default().push(u);
         }
         let now = DateTime::now();
-        let mut statements = Vec::new();
-        for w in &plan.writes {
+        let mut records = Vec::new();
+        for w in writes {
             let staging_id = match &w.op {
                 WriteOp::Insert(d) => d.get("_id").cloned(),
                 WriteOp::Update { id, .. } => Some(id.clone()),
@@ -281,25 +291,34 @@ impl References {
                 continue;
             };
             for u in w.changes.iter().filter_map(|i| by_change.get(i)).flatten() {
-                let key = doc! {
-                    "s": &self.sync_name, "c": &self.collection, "d": staging_id.clone(),
-                    "p": &u.path, "v": u.value.clone(),
-                };
-                statements.push(doc! {
-                    "q": { "_id": key },
-                    "u": { "$setOnInsert": {
-                        "sync": &self.sync_name,
-                        "collection": &self.collection,
-                        "stagingId": staging_id.clone(),
-                        "field": &u.path,
-                        "references": &u.referenced,
-                        "value": u.value.clone(),
-                        "since": now,
-                    } },
-                    "upsert": true,
+                records.push(doc! {
+                    "_id": {
+                        "s": &self.sync_name, "c": &self.collection, "d": staging_id.clone(),
+                        "p": &u.path, "v": u.value.clone(),
+                    },
+                    "sync": &self.sync_name,
+                    "collection": &self.collection,
+                    "stagingId": staging_id.clone(),
+                    "field": &u.path,
+                    "references": &u.referenced,
+                    "value": u.value.clone(),
+                    "since": now,
                 });
             }
         }
+        records
+    }
+
+    /// Stores `records` (see [`References::pending_records`]); one already stored is kept as
+    /// it is.
+    async fn record(&self, records: Vec<Document>) -> Result<()> {
+        let statements: Vec<Document> = records
+            .into_iter()
+            .map(|mut r| {
+                let key = r.remove("_id").unwrap_or(Bson::Null);
+                doc! { "q": { "_id": key }, "u": { "$setOnInsert": r }, "upsert": true }
+            })
+            .collect();
         for chunk in statements.chunks(500) {
             self.meta_db.run_command(doc! {
                 "update": PENDING_COLLECTION,
@@ -313,16 +332,42 @@ impl References {
         Ok(())
     }
 
-    /// After a batch was written: resolves the fix-ups it recorded whose document arrived
-    /// meanwhile, and — when other collections refer to this one — those waiting for the
-    /// documents of this batch.
-    pub async fn after_writes(&self, changes: &[Change], unresolved: &[Unresolved]) -> Result<()> {
+    /// Records the pending fix-ups of a planned batch — before its writes, so that a crash
+    /// after a write never leaves a reference nobody will fix.
+    pub async fn before_writes(
+        &self,
+        writes: &[PlannedWrite],
+        unresolved: &[Unresolved],
+    ) -> Result<()> {
+        if unresolved.is_empty() {
+            return Ok(());
+        }
+        self.record(self.pending_records(writes, unresolved)).await
+    }
+
+    /// After a batch was written: resolves its own fix-ups whose document arrived meanwhile,
+    /// and — when other collections refer to this one — those waiting for the documents of
+    /// this batch.
+    ///
+    /// The batch's own fix-ups are judged from what it wrote, not from the stored records:
+    /// while its writes were in flight, another resolver (this collection's sweep, or a batch
+    /// of the referenced collection) may have settled a record on the document as it was
+    /// before the write — not written yet, or not holding the reference yet — and the write
+    /// then put the production value in. So each is fixed up now if its document arrived, or
+    /// recorded again if it still waits.
+    pub async fn after_writes(
+        &self,
+        writes: &[PlannedWrite],
+        changes: &[Change],
+        unresolved: &[Unresolved],
+    ) -> Result<()> {
         if !unresolved.is_empty() {
-            let values: Vec<Bson> = unresolved.iter().map(|u| u.value.clone()).collect();
-            self.resolve(doc! {
-                "sync": &self.sync_name, "collection": &self.collection, "value": { "$in": values },
-            })
-            .await?;
+            let again = self
+                .settle(self.pending_records(writes, unresolved), Recheck::Written)
+                .await?;
+            // A referenced document may have arrived, and its batch resolved what it found,
+            // before these were stored again: look once more.
+            self.settle(again, Recheck::Stored).await?;
         }
         if self.incoming {
             let mut seen = HashSet::new();
@@ -374,8 +419,15 @@ impl References {
             .try_collect()
             .await
             .context(what)?;
+        self.settle(records, Recheck::Stored).await.map(|_| ())
+    }
+
+    /// Fixes up the documents of `records` whose referenced document is in staging now and
+    /// deletes the records settled; returns those stored again (see [`Recheck`]).
+    async fn settle(&self, records: Vec<Document>, recheck: Recheck) -> Result<Vec<Document>> {
+        let what = "resolving pending reference fix-ups";
         if records.is_empty() {
-            return Ok(());
+            return Ok(vec![]);
         }
         // Where each referred-to document is in staging now.
         let mut by_referenced: HashMap<String, Vec<Bson>> = HashMap::new();
@@ -436,9 +488,13 @@ impl References {
                 }
             }
         }
+        // Records to store again (see [`Recheck::Written`]).
+        let mut still_waiting = Vec::new();
         for ((collection, _), (staging_id, rewrites, keys)) in per_doc {
             if self.fix_up(&collection, &staging_id, &rewrites).await? {
                 settled.extend(keys);
+            } else if recheck == Recheck::Written {
+                still_waiting.extend(keys);
             }
         }
         // Waiting fix-ups of this collection whose document is gone or no longer holds the
@@ -449,7 +505,16 @@ impl References {
             }
             if !self.still_holds(&collection, &staging_id, &refs).await? {
                 settled.extend(keys);
+            } else if recheck == Recheck::Written {
+                still_waiting.extend(keys);
             }
+        }
+        let again: Vec<Document> = records
+            .into_iter()
+            .filter(|r| r.get("_id").is_some_and(|k| still_waiting.contains(k)))
+            .collect();
+        if !again.is_empty() {
+            self.record(again.clone()).await?;
         }
         for chunk in settled.chunks(1000) {
             self.pending
@@ -457,7 +522,7 @@ impl References {
                 .await
                 .context(what)?;
         }
-        Ok(())
+        Ok(again)
     }
 
     /// Rewrites, in staging document `staging_id` of `collection`, each `(path, production

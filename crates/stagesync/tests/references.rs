@@ -449,6 +449,115 @@ async fn order_references_resolve_to_staging_customers_in_every_interleaving() {
     assert!(!out.contains("unresolved_references"), "{out}");
 }
 
+/// The race behind a rare failure of the test above: while a batch's writes are in flight,
+/// its pending fix-ups are already recorded, and another resolver (the sweep, or a batch of
+/// the referenced collection) may judge them on the document as it was before the write.
+/// Played here step by step, with the pipeline's own calls: the batch that wrote the document
+/// must end with the reference resolved, or recorded again while it still waits.
+#[tokio::test]
+async fn a_fix_up_settled_while_its_batch_was_in_flight_is_made_by_the_batch() {
+    use stagesync::plan::{PlannedWrite, WriteOp};
+    use stagesync::references::{References, Unresolved};
+
+    let pair = Pair::start();
+    let (_, config) = pair.config("", SHOP);
+    let ctx = stagesync::context::Context::connect(config).await.unwrap();
+    let orders = References::new(
+        ctx.config.clone(),
+        ctx.staging_db.clone(),
+        &ctx.meta_db,
+        ctx.metrics.clone(),
+        "orders",
+    );
+    let staging = pair.staging().await;
+    let (sc, so) = (
+        staging.collection::<Document>("customers"),
+        staging.collection::<Document>("orders"),
+    );
+    let ts = mongodb::bson::Timestamp {
+        time: 1,
+        increment: 1,
+    };
+    // One order of a customer not in staging yet, as a batch writes it (production values).
+    let order_write = |code: &str, customer: ObjectId| {
+        let d = doc! {
+            "_id": ObjectId::new(), "code": code, "customerId": customer, "customerNo": 1,
+            "_sync": { "id": ObjectId::new(), "ts": ts, "fields": ["code", "customerId", "customerNo"] },
+        };
+        let unresolved = Unresolved {
+            change: 0,
+            path: "customerId".into(),
+            referenced: "customers".into(),
+            value: Bson::ObjectId(customer),
+        };
+        (
+            d.clone(),
+            vec![PlannedWrite {
+                op: WriteOp::Insert(d),
+                changes: vec![0],
+            }],
+            vec![unresolved],
+        )
+    };
+
+    // 1. The customer arrives (adopted: its own staging `_id`) while the order is in flight;
+    //    the sweep finds the customer but not yet the order, and settles the record.
+    let customer = ObjectId::new();
+    let (order, writes, unresolved) = order_write("o1", customer);
+    orders.before_writes(&writes, &unresolved).await.unwrap();
+    let adopted = ObjectId::new();
+    sc.insert_one(doc! { "_id": adopted, "email": "c1@x.org", "no": 1, "_sync": { "id": customer, "ts": ts } })
+        .await
+        .unwrap();
+    orders.sweep().await.unwrap();
+    so.insert_one(order.clone()).await.unwrap();
+    orders
+        .after_writes(&writes, &[], &unresolved)
+        .await
+        .unwrap();
+    let written = so
+        .find_one(doc! { "_id": order.get("_id").unwrap() })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        written.get("customerId"),
+        Some(&Bson::ObjectId(adopted)),
+        "the order resolves to the staging customer"
+    );
+    assert_eq!(pending_count(&pair).await, 0);
+
+    // 2. The customer is still missing; the sweep finds no order yet and drops the record as
+    //    no longer needed. The batch records it again, and the customer's arrival resolves it.
+    let customer = ObjectId::new();
+    let (order, writes, unresolved) = order_write("o2", customer);
+    orders.before_writes(&writes, &unresolved).await.unwrap();
+    orders.sweep().await.unwrap();
+    so.insert_one(order.clone()).await.unwrap();
+    orders
+        .after_writes(&writes, &[], &unresolved)
+        .await
+        .unwrap();
+    assert_eq!(
+        pending_count(&pair).await,
+        1,
+        "still waiting, recorded again"
+    );
+    let adopted = ObjectId::new();
+    sc.insert_one(doc! { "_id": adopted, "email": "c2@x.org", "no": 1, "_sync": { "id": customer, "ts": ts } })
+        .await
+        .unwrap();
+    orders.sweep().await.unwrap();
+    let written = so
+        .find_one(doc! { "_id": order.get("_id").unwrap() })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(written.get("customerId"), Some(&Bson::ObjectId(adopted)));
+    assert_eq!(pending_count(&pair).await, 0);
+    ctx.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_kill_9_loses_no_pending_fix_up() {
     let pair = Pair::start();
