@@ -500,29 +500,41 @@ async fn a_fix_up_settled_while_its_batch_was_in_flight_is_made_by_the_batch() {
         )
     };
 
+    // A customer arriving in staging adopted: under its own staging `_id`.
+    let adopt = |customer: ObjectId, email: &'static str| {
+        let sc = sc.clone();
+        async move {
+            let adopted = ObjectId::new();
+            sc.insert_one(doc! { "_id": adopted, "email": email, "no": 1, "_sync": { "id": customer, "ts": ts } })
+                .await
+                .unwrap();
+            adopted
+        }
+    };
+    // The customer an order in staging refers to now.
+    let customer_of = |order: &Document| {
+        let (so, id) = (so.clone(), order.get("_id").cloned().unwrap());
+        async move {
+            let written = so.find_one(doc! { "_id": id }).await.unwrap().unwrap();
+            written.get("customerId").cloned()
+        }
+    };
+
     // 1. The customer arrives (adopted: its own staging `_id`) while the order is in flight;
     //    the sweep finds the customer but not yet the order, and settles the record.
     let customer = ObjectId::new();
     let (order, writes, unresolved) = order_write("o1", customer);
     orders.before_writes(&writes, &unresolved).await.unwrap();
-    let adopted = ObjectId::new();
-    sc.insert_one(doc! { "_id": adopted, "email": "c1@x.org", "no": 1, "_sync": { "id": customer, "ts": ts } })
-        .await
-        .unwrap();
+    let adopted = adopt(customer, "c1@x.org").await;
     orders.sweep().await.unwrap();
     so.insert_one(order.clone()).await.unwrap();
     orders
         .after_writes(&writes, &[], &unresolved)
         .await
         .unwrap();
-    let written = so
-        .find_one(doc! { "_id": order.get("_id").unwrap() })
-        .await
-        .unwrap()
-        .unwrap();
     assert_eq!(
-        written.get("customerId"),
-        Some(&Bson::ObjectId(adopted)),
+        customer_of(&order).await,
+        Some(Bson::ObjectId(adopted)),
         "the order resolves to the staging customer"
     );
     assert_eq!(pending_count(&pair).await, 0);
@@ -543,17 +555,9 @@ async fn a_fix_up_settled_while_its_batch_was_in_flight_is_made_by_the_batch() {
         1,
         "still waiting, recorded again"
     );
-    let adopted = ObjectId::new();
-    sc.insert_one(doc! { "_id": adopted, "email": "c2@x.org", "no": 1, "_sync": { "id": customer, "ts": ts } })
-        .await
-        .unwrap();
+    let adopted = adopt(customer, "c2@x.org").await;
     orders.sweep().await.unwrap();
-    let written = so
-        .find_one(doc! { "_id": order.get("_id").unwrap() })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(written.get("customerId"), Some(&Bson::ObjectId(adopted)));
+    assert_eq!(customer_of(&order).await, Some(Bson::ObjectId(adopted)));
     assert_eq!(pending_count(&pair).await, 0);
     ctx.shutdown().await;
 }
