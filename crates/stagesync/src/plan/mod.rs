@@ -93,28 +93,27 @@ impl Rules {
 
     /// The business key of a document, or the first key field it lacks.
     pub fn key_of(&self, doc: &Document) -> Result<BusinessKey, String> {
-        let mut values = Vec::with_capacity(self.business_key.len());
-        for field in &self.business_key {
-            match get_path(doc, field) {
-                Some(Bson::Null) | None => return Err(field.clone()),
-                Some(v) => values.push(v.clone()),
-            }
-        }
-        Ok(BusinessKey(values))
+        self.key_values(doc)
+            .map(|values| BusinessKey(values.into_iter().cloned().collect()))
     }
 
     /// `key_of(doc)`'s [`BusinessKey::canonical`] bytes, or `None` when a key field is missing:
     /// what the planner's maps and sets hold. Read in place, without copying the values — the
     /// planner asks this several times per change.
     pub fn canonical_key(&self, doc: &Document) -> Option<Vec<u8>> {
-        let mut values = Vec::with_capacity(self.business_key.len());
-        for field in &self.business_key {
-            match get_path(doc, field) {
-                Some(Bson::Null) | None => return None,
-                Some(v) => values.push(v),
-            }
-        }
-        Some(canonical_key_of(values))
+        self.key_values(doc).ok().map(canonical_key_of)
+    }
+
+    /// The values of a document's business key fields, or the first field it lacks (missing
+    /// or null).
+    fn key_values<'d>(&self, doc: &'d Document) -> Result<Vec<&'d Bson>, String> {
+        self.business_key
+            .iter()
+            .map(|field| match get_path(doc, field) {
+                Some(Bson::Null) | None => Err(field.clone()),
+                Some(v) => Ok(v),
+            })
+            .collect()
     }
 
     /// The first look-ups of a batch: the staging documents recorded as coming from the
@@ -416,7 +415,6 @@ fn short(v: &Bson) -> String {
     }
 }
 
-/// A byte string equal for equal BSON values (used to index `_id`s): the BSON of `{"v": v}`.
 /// [`BusinessKey::canonical`] of a key's values.
 fn canonical_key_of(values: Vec<&Bson>) -> Vec<u8> {
     let mut out = vec![b'k'];
@@ -432,6 +430,7 @@ fn canonical_key_of(values: Vec<&Bson>) -> Vec<u8> {
     out
 }
 
+/// A byte string equal for equal BSON values (used to index `_id`s): the BSON of `{"v": v}`.
 pub fn canonical(v: &Bson) -> Vec<u8> {
     let mut out = vec![b'i'];
     // The common `_id` types are written directly (no clone, no serializer); see
