@@ -2818,10 +2818,16 @@ fn guard_cost_us(
 }
 
 /// How the report mentions the passing check, which the figures do not count (see [`Synced`]).
-fn check_not_counted(check_ms: f64, cpu: &CpuUse) -> String {
+/// `after_counters`: it began once stagesync's counters said every change was done (false when
+/// its metrics could not be read and the checks ran every 2 s instead).
+fn check_not_counted(check_ms: f64, cpu: &CpuUse, after_counters: bool) -> String {
     format!(
-        "the passing check began once stagesync's own counters said every change was done; its reads took \
-         {check_ms:.0} ms{} and are not counted (the oracle's count is not either)",
+        "{}its reads took {check_ms:.0} ms{} and are not counted (the oracle's count is not either)",
+        if after_counters {
+            "the passing check began once stagesync's own counters said every change was done; "
+        } else {
+            "stagesync's counters could not be read, so the checks ran every 2 s; the passing one's "
+        },
         match cpu.get("staging server") {
             Some(secs) => format!(" and {secs:.2} CPU-s of the staging server"),
             None => String::new(),
@@ -3945,7 +3951,7 @@ impl Report<'_> {
                  \"after the last production write\" row, target ≤ {TAIL_TARGET_SECS:.0} s; {}{}). Peak RSS (VmHWM) \
                  of `stagesync run`: {:.1} MiB.",
                 t - b.write_secs,
-                check_not_counted(b.check_ms, &b.check_cpu),
+                check_not_counted(b.check_ms, &b.check_cpu, b.counters_done_secs.is_some()),
                 match b.counters_done_secs {
                     Some(c) => format!("; stagesync's own counters said every change was done at {c:.2} s"),
                     None => String::new(),
@@ -4034,7 +4040,7 @@ impl Report<'_> {
                     Some(d) => format!("; stagesync's own counters said every change was done {d:.2} s after the restart ({:.0} changes/s)", c.changes as f64 / d.max(1e-9)),
                     None => String::new(),
                 },
-                check_not_counted(c.check_ms, &c.check_cpu),
+                check_not_counted(c.check_ms, &c.check_cpu, c.counters_done_secs.is_some()),
                 c.changes,
                 us(c.us_per_change("staging server")),
                 us(c.us_per_change("stagesync run")),
@@ -4272,7 +4278,7 @@ impl Report<'_> {
             writeln!(
                 md,
                 "- **The check.** {}.",
-                check_not_counted(b.check_ms, &b.check_cpu)
+                check_not_counted(b.check_ms, &b.check_cpu, b.counters_done_secs.is_some())
             )?;
         }
         if self.steady.lag.p99.is_some_and(|p| p > LAG_P99_TARGET_MS)
