@@ -403,10 +403,12 @@ async fn a_continued_snapshot_reads_on_after_its_last_copied_id_across_id_types(
     ctx.shutdown().await;
 }
 
-/// The snapshot's reader takes its batch bounds from a pass over the `_id`s as it goes, starts
-/// its first range at the first `_id` the pass saw and ends with its last one. Whatever the
-/// batch size, and with `_id`s of several kinds (which sort by kind first), it must read every
-/// document exactly once, in `_id` order.
+/// The snapshot's reader takes its batch bounds from a pass over the `_id`s as it goes — a head
+/// of 128 batches' worth read first with a limit, then the rest — starts its first range at the
+/// first `_id` the pass saw and ends with its last one. Whatever the batch size (so wherever the
+/// head ends: inside a kind, exactly at the last document, beyond it), and with `_id`s of
+/// several kinds (which sort by kind first), it must read every document exactly once, in `_id`
+/// order.
 #[tokio::test]
 async fn a_snapshot_reads_every_document_once_in_id_order_whatever_its_batch_size() {
     let pair = Pair::start();
@@ -415,9 +417,9 @@ async fn a_snapshot_reads_every_document_once_in_id_order_whatever_its_batch_siz
     let oid = mongodb::bson::oid::ObjectId::new();
     let ids: Vec<Bson> = [Bson::Null]
         .into_iter()
-        .chain((0..5).map(Bson::Int32))
+        .chain((0..250).map(Bson::Int32))
         .chain([
-            Bson::Double(5.5),
+            Bson::Double(250.5),
             Bson::from("a"),
             Bson::from("b"),
             Bson::ObjectId(oid),
@@ -429,7 +431,8 @@ async fn a_snapshot_reads_every_document_once_in_id_order_whatever_its_batch_siz
         .await
         .unwrap();
     let pipeline = ctx.pipeline(config.collection("orders").unwrap());
-    for batch_size in [1, 2, 3, 4, ids.len() - 1, ids.len(), 100] {
+    assert_eq!(ids.len(), 256, "the head of batches of 2 is every document");
+    for batch_size in [1, 2, 3, 4, 100, ids.len() - 1, ids.len(), 300] {
         let (tx, mut rx) = tokio::sync::mpsc::channel(ids.len() + 1);
         stagesync::source::scan::read_documents(
             pipeline.source.clone(),

@@ -155,15 +155,29 @@ async fn retry_after(
     backoff.wait(shutdown).await == Wait::Retry
 }
 
+/// How many batches' worth of `_id`s the pass reads first, with a limit, before the rest.
+///
+/// Some servers (secantusd-rs) answer a projected, sorted query by sorting and projecting the
+/// whole result before its first batch: seconds for a million documents, during which the copy
+/// could not start. The same query with a limit answers in about the time of the sort, so the
+/// pass reads a head of `HEAD_BATCHES` bounds that way and opens the rest (after the head's
+/// last `_id`) in the background while the head's batches are copied. On servers that stream
+/// from the `_id` index (MongoDB) both answer at once and the split costs one more query.
+const HEAD_BATCHES: usize = 128;
+
 /// The upper bounds of the snapshot's batches, in `_id` order: every `batch_size`-th `_id` of
 /// one pass over the `_id` index (those `filter` matches) after where the copy stands, then the
-/// last `_id` of the pass. The pass is read as the bounds are asked for; broken by an outage,
-/// it is opened again after the last bound handed out.
+/// last `_id` of the pass. The pass is read as the bounds are asked for, its head first (see
+/// [`HEAD_BATCHES`]); broken by an outage, it is opened again after the last bound handed out.
 struct Bounds {
     filter: Option<crate::filter::Filter>,
     batch_size: usize,
-    /// The pass, while open.
-    cursor: Option<mongodb::Cursor<Document>>,
+    /// Whether the pass is open: its head read into `head`, its rest opening or open.
+    opened: bool,
+    /// The head's `_id`s not yet counted.
+    head: std::collections::VecDeque<Bson>,
+    /// The rest of the pass after the head, if the head was full.
+    rest: Rest,
     /// Where the pass (re)opens: after the last bound handed out; until the first, after the
     /// copy's position (`None`: at the start of the collection).
     after: Option<Bson>,
@@ -175,6 +189,26 @@ struct Bounds {
     done: bool,
 }
 
+/// The part of the pass after its head.
+enum Rest {
+    /// The head was the whole pass.
+    None,
+    /// Being opened by a task of its own, while the head is copied.
+    Opening(OpenTask),
+    Open(mongodb::Cursor<Document>),
+}
+
+/// A background open of the rest of the pass, aborted when dropped: the reader may stop at any
+/// time, and no task of it may outlive it holding a production cursor (dropped at runtime
+/// teardown, a cursor makes the driver panic).
+struct OpenTask(tokio::task::JoinHandle<mongodb::error::Result<mongodb::Cursor<Document>>>);
+
+impl Drop for OpenTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Bounds {
     fn new(
         filter: Option<crate::filter::Filter>,
@@ -184,7 +218,9 @@ impl Bounds {
         Bounds {
             filter,
             batch_size,
-            cursor: None,
+            opened: false,
+            head: std::collections::VecDeque::new(),
+            rest: Rest::None,
             after,
             counted: 0,
             last_seen: None,
@@ -210,7 +246,9 @@ impl Bounds {
         if result.is_err() {
             // Opened again after the last bound handed out: the `_id`s counted since are read
             // once more.
-            self.cursor = None;
+            self.opened = false;
+            self.head.clear();
+            self.rest = Rest::None;
             self.counted = 0;
             self.last_seen = None;
         }
@@ -221,27 +259,7 @@ impl Bounds {
         &mut self,
         source: &Collection<Document>,
     ) -> mongodb::error::Result<Option<Bson>> {
-        let cursor = match &mut self.cursor {
-            Some(c) => c,
-            None => {
-                let range = after_filter(self.after.as_ref());
-                let query = match &self.filter {
-                    Some(f) => f.and(range),
-                    None => range,
-                };
-                let opened = source
-                    .find(query)
-                    .projection(doc! { "_id": 1 })
-                    .sort(doc! { "_id": 1 })
-                    .batch_size(10_000)
-                    .await?;
-                self.cursor.insert(opened)
-            }
-        };
-        while let Some(d) = cursor.try_next().await? {
-            let Some(id) = d.get("_id").cloned() else {
-                continue;
-            };
+        while let Some(id) = self.next_id(source).await? {
             if self.first.is_none() && self.after.is_none() {
                 self.first = Some(id.clone());
             }
@@ -255,8 +273,80 @@ impl Bounds {
             self.last_seen = Some(id);
         }
         self.done = true;
-        self.cursor = None;
+        self.rest = Rest::None;
         Ok(self.last_seen.take())
+    }
+
+    /// The pass's next `_id`, opening it first if needed.
+    async fn next_id(
+        &mut self,
+        source: &Collection<Document>,
+    ) -> mongodb::error::Result<Option<Bson>> {
+        if !self.opened {
+            self.open(source).await?;
+        }
+        if let Some(id) = self.head.pop_front() {
+            return Ok(Some(id));
+        }
+        if let Rest::Opening(task) = &mut self.rest {
+            let opened = (&mut task.0).await.map_err(|e| {
+                mongodb::error::Error::custom(format!("opening the rest of the pass: {e}"))
+            })??;
+            self.rest = Rest::Open(opened);
+        }
+        let Rest::Open(cursor) = &mut self.rest else {
+            return Ok(None);
+        };
+        while let Some(d) = cursor.try_next().await? {
+            if let Some(id) = d.get("_id") {
+                return Ok(Some(id.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads the head of the pass after `after` and, when it is full, starts opening the rest.
+    async fn open(&mut self, source: &Collection<Document>) -> mongodb::error::Result<()> {
+        let head_len = HEAD_BATCHES.saturating_mul(self.batch_size);
+        let mut head = source
+            .find(self.pass_query(self.after.as_ref()))
+            .projection(doc! { "_id": 1 })
+            .sort(doc! { "_id": 1 })
+            .limit(i64::try_from(head_len).unwrap_or(i64::MAX))
+            .batch_size(10_000)
+            .await?;
+        let mut read = 0;
+        while let Some(d) = head.try_next().await? {
+            read += 1;
+            if let Some(id) = d.get("_id") {
+                self.head.push_back(id.clone());
+            }
+        }
+        self.rest = match self.head.back() {
+            Some(last) if read == head_len => {
+                let (source, query) = (source.clone(), self.pass_query(Some(last)));
+                Rest::Opening(OpenTask(tokio::spawn(async move {
+                    source
+                        .find(query)
+                        .projection(doc! { "_id": 1 })
+                        .sort(doc! { "_id": 1 })
+                        .batch_size(10_000)
+                        .await
+                })))
+            }
+            _ => Rest::None,
+        };
+        self.opened = true;
+        Ok(())
+    }
+
+    /// The pass's query: the `_id`s after `after` that the filter matches.
+    fn pass_query(&self, after: Option<&Bson>) -> Document {
+        let range = after_filter(after);
+        match &self.filter {
+            Some(f) => f.and(range),
+            None => range,
+        }
     }
 }
 
