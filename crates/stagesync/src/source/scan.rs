@@ -195,7 +195,7 @@ enum Rest {
     None,
     /// Being opened by a task of its own, while the head is copied.
     Opening(OpenTask),
-    Open(mongodb::Cursor<Document>),
+    Open(Box<mongodb::Cursor<Document>>),
 }
 
 /// A background open of the rest of the pass, aborted when dropped: the reader may stop at any
@@ -292,7 +292,7 @@ impl Bounds {
             let opened = (&mut task.0).await.map_err(|e| {
                 mongodb::error::Error::custom(format!("opening the rest of the pass: {e}"))
             })??;
-            self.rest = Rest::Open(opened);
+            self.rest = Rest::Open(Box::new(opened));
         }
         let Rest::Open(cursor) = &mut self.rest else {
             return Ok(None);
