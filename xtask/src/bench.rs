@@ -3541,17 +3541,28 @@ impl Report<'_> {
                 "the oracle's own staging CPU is {oracle_us:.0} µs per write"
             ));
         }
+        let floor = oracle_us + self.catch_up_guard_us().1;
+        (floor > STAGING_CPU_TARGET_US).then(|| {
+            format!("a sync that guards its writes needs about {floor:.0} µs (the oracle's {oracle_us:.0} µs per write and the guard)")
+        })
+    }
+
+    /// Item 1's guard cost, as staging time (staging is busy through a bulk update), over the
+    /// catch-up's guarded statements (its updates and deletes): see [`guard_cost_us`].
+    fn catch_up_guard_us(&self) -> (f64, f64) {
         let c = &self.catch_up;
-        let (_, guard_us) = guard_cost_us(
+        guard_cost_us(
             self.guard.plain.per_sec(),
             self.guard.guarded.per_sec(),
             c.counts.updates + c.counts.deletes,
             c.changes,
-        );
-        let floor = oracle_us + guard_us;
-        (floor > STAGING_CPU_TARGET_US).then(|| {
-            format!("a sync that guards its writes needs about {floor:.0} µs (the oracle's {oracle_us:.0} µs per write and the guard)")
-        })
+        )
+    }
+
+    /// The most changes per second any sync into this staging server could apply of the live
+    /// burst, at item 1's raw rates (see [`Report::staging_floor_secs`]).
+    fn burst_ceiling(&self) -> f64 {
+        self.burst.changes as f64 / self.staging_floor_secs(&self.burst.counts).max(1e-9)
     }
 
     fn burst_rate(&self) -> Option<f64> {
@@ -3690,7 +3701,7 @@ impl Report<'_> {
                     ));
                 }
                 // Staging's raw write rates cap any sync (see "What staging alone needs").
-                let ceiling = b.changes as f64 / self.staging_floor_secs(&b.counts).max(1e-9);
+                let ceiling = self.burst_ceiling();
                 rows.push(
                     Row::target(
                         "5",
@@ -4245,7 +4256,7 @@ impl Report<'_> {
         let stream_rate = self.raw_stream.per_sec();
         let write_rate = b.changes as f64 / b.write_secs.max(1e-9);
         let floor = self.staging_floor_secs(&b.counts);
-        let ceiling = b.changes as f64 / floor.max(1e-9);
+        let ceiling = self.burst_ceiling();
         if let Some(rate) = self.burst_rate() {
             let tail = b.synced_secs.unwrap_or(0.0) - b.write_secs;
             writeln!(
@@ -4595,16 +4606,8 @@ impl Report<'_> {
                 (staging_us - oracle_us).max(0.0),
                 staging_us / oracle_us.max(1e-9),
                 {
-                    // Item 1's guard cost, as staging time (staging is busy through a bulk
-                    // update), over this burst's guarded statements (its updates and deletes).
-                    let g = &self.guard;
                     let guarded = c.counts.updates + c.counts.deletes;
-                    let (extra_us, guard_us) = guard_cost_us(
-                        g.plain.per_sec(),
-                        g.guarded.per_sec(),
-                        guarded,
-                        c.changes,
-                    );
+                    let (extra_us, guard_us) = self.catch_up_guard_us();
                     let floor = oracle_us + guard_us;
                     format!(
                         "The guard alone, at item 1's rates ({extra_us:.0} µs more per statement), adds about \

@@ -4,6 +4,7 @@
 //! the id as staging sees it: masked when a rule names `_id`.
 
 use futures::TryStreamExt;
+use mongodb::action::Action;
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
 use mongodb::{ClientSession, Collection};
 use tokio::sync::mpsc;
@@ -308,13 +309,13 @@ impl Bounds {
     /// Reads the head of the pass after `after` and, when it is full, starts opening the rest.
     async fn open(&mut self, source: &Collection<Document>) -> mongodb::error::Result<()> {
         let head_len = HEAD_BATCHES.saturating_mul(self.batch_size);
-        let mut head = source
-            .find(self.pass_query(self.after.as_ref()))
-            .projection(doc! { "_id": 1 })
-            .sort(doc! { "_id": 1 })
-            .limit(i64::try_from(head_len).unwrap_or(i64::MAX))
-            .batch_size(10_000)
-            .await?;
+        let limit = i64::try_from(head_len).unwrap_or(i64::MAX);
+        let mut head = open_pass(
+            source.clone(),
+            self.pass_query(self.after.as_ref()),
+            Some(limit),
+        )
+        .await?;
         let mut read = 0;
         while let Some(d) = head.try_next().await? {
             read += 1;
@@ -324,15 +325,8 @@ impl Bounds {
         }
         self.rest = match self.head.back() {
             Some(last) if read == head_len => {
-                let (source, query) = (source.clone(), self.pass_query(Some(last)));
-                Rest::Opening(OpenTask(tokio::spawn(async move {
-                    source
-                        .find(query)
-                        .projection(doc! { "_id": 1 })
-                        .sort(doc! { "_id": 1 })
-                        .batch_size(10_000)
-                        .await
-                })))
+                let rest = open_pass(source.clone(), self.pass_query(Some(last)), None);
+                Rest::Opening(OpenTask(tokio::spawn(rest)))
             }
             _ => Rest::None,
         };
@@ -348,6 +342,21 @@ impl Bounds {
             None => range,
         }
     }
+}
+
+/// Opens the pass (or a part of it): the `_id`s `query` matches, in order, at most `limit`.
+async fn open_pass(
+    source: Collection<Document>,
+    query: Document,
+    limit: Option<i64>,
+) -> mongodb::error::Result<mongodb::Cursor<Document>> {
+    source
+        .find(query)
+        .projection(doc! { "_id": 1 })
+        .sort(doc! { "_id": 1 })
+        .batch_size(10_000)
+        .optional(limit, |find, limit| find.limit(limit))
+        .await
 }
 
 /// Where a snapshot range starts.
