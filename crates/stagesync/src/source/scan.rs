@@ -173,11 +173,9 @@ const HEAD_BATCHES: usize = 128;
 struct Bounds {
     filter: Option<crate::filter::Filter>,
     batch_size: usize,
-    /// Whether the pass is open: its head read into `head`, its rest opening or open.
-    opened: bool,
     /// The head's `_id`s not yet counted.
     head: std::collections::VecDeque<Bson>,
-    /// The rest of the pass after the head, if the head was full.
+    /// The rest of the pass after the head, or that the pass is not open yet.
     rest: Rest,
     /// Where the pass (re)opens: after the last bound handed out; until the first, after the
     /// copy's position (`None`: at the start of the collection).
@@ -192,6 +190,8 @@ struct Bounds {
 
 /// The part of the pass after its head.
 enum Rest {
+    /// The pass is not open: its head is read first.
+    Unopened,
     /// The head was the whole pass.
     None,
     /// Being opened by a task of its own, while the head is copied.
@@ -219,9 +219,8 @@ impl Bounds {
         Bounds {
             filter,
             batch_size,
-            opened: false,
             head: std::collections::VecDeque::new(),
-            rest: Rest::None,
+            rest: Rest::Unopened,
             after,
             counted: 0,
             last_seen: None,
@@ -247,9 +246,8 @@ impl Bounds {
         if result.is_err() {
             // Opened again after the last bound handed out: the `_id`s counted since are read
             // once more.
-            self.opened = false;
             self.head.clear();
-            self.rest = Rest::None;
+            self.rest = Rest::Unopened;
             self.counted = 0;
             self.last_seen = None;
         }
@@ -283,7 +281,7 @@ impl Bounds {
         &mut self,
         source: &Collection<Document>,
     ) -> mongodb::error::Result<Option<Bson>> {
-        if !self.opened {
+        if matches!(self.rest, Rest::Unopened) {
             self.open(source).await?;
         }
         if let Some(id) = self.head.pop_front() {
@@ -330,7 +328,6 @@ impl Bounds {
             }
             _ => Rest::None,
         };
-        self.opened = true;
         Ok(())
     }
 
