@@ -540,7 +540,8 @@ async fn snapshot_bench(
          | peak RSS of `stagesync snapshot` | {peak_mib:.1} MiB |\n\n\
          The snapshot does more than insert: each batch of 1000 is masked, planned (merge, `_sync` metadata) and \
          written; staging holds nothing from production yet, so the copies are inserted without a look-up and \
-         staging's unique indexes catch the ones to adopt; progress is checkpointed after every batch.\n\n\
+         staging's unique indexes catch the ones to adopt; two batches whose keys are apart are written at once; \
+         progress is checkpointed after every batch.\n\n\
          CPU during the snapshot: {cpu}.\n",
         date = DateTime::now().try_to_rfc3339_string().unwrap_or_default(),
         server = env.server_version,
@@ -4200,7 +4201,7 @@ impl Report<'_> {
                  an empty collection with stagesync's indexes), run right before and right after the snapshot and taken \
                  together: {}. Then the same {n} documents seeded into production and \
                  copied by `stagesync snapshot -c <config>` (a child process, fresh staging and metadata databases; read, \
-                 merge, bulk write without a look-up — staging holds nothing from production yet — checkpoint per batch), timed from its \
+                 merge, bulk write without a look-up — staging holds nothing from production yet — two batches at once when their keys are apart, checkpoint per batch), timed from its \
                  start to its exit and checked by counting staging's documents with `_sync`: {}, {:.2}× the raw rate \
                  (target ≥ {SNAPSHOT_VS_INSERT}×). Peak RSS (VmHWM) of `stagesync snapshot`: {:.1} MiB. CPU {}. \
                  For where the gap lies, the raw insert is repeated with the documents shaped as stagesync writes them \

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use mongodb::bson::{DateTime, Document, Timestamp};
 use mongodb::Collection;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::apply::unique::{KeySet, UniqueIndexes};
 use crate::apply::{Applier, WriteResult};
 use crate::checkpoint::Checkpoint;
 use crate::config::CollectionConfig;
@@ -61,24 +62,81 @@ pub enum Origin {
 /// A snapshot plans a batch while the one before it is being written (`crate::snapshot`): its
 /// copies need no look-up, so the planning — most of stagesync's share of the work — overlaps
 /// staging's. Whatever reads or writes staging waits for its turn, so staging sees the batches
-/// one after the other, as it would without the overlap.
+/// one after the other, as it would without the overlap — with one exception ([`Turn::beside`]):
+/// a first snapshot's blind inserts go beside the batch before when no unique index of staging
+/// can see a key in both, so that staging has the next command at hand when it acknowledges one.
 #[derive(Clone, Default)]
-pub struct Turn(Option<tokio::sync::watch::Receiver<bool>>);
+pub struct Turn {
+    /// Set to true once the batch before is written.
+    after: Option<watch::Receiver<bool>>,
+    beside: Option<Beside>,
+}
+
+/// What a batch says, once planned, to the batch after it (see [`Turn::beside`]).
+#[derive(Clone, Debug, Default)]
+pub enum Blind {
+    /// Not planned yet.
+    #[default]
+    Pending,
+    /// Its first pass writes nothing but blind inserts, with these unique-index keys.
+    Inserts(Arc<KeySet>),
+    /// Anything else: the batch after it waits for its turn.
+    Other,
+}
+
+#[derive(Clone)]
+struct Beside {
+    indexes: Arc<UniqueIndexes>,
+    /// What the batch before inserts blind; `None` for the first batch.
+    before: Option<watch::Receiver<Blind>>,
+    /// Where this batch says what it inserts blind.
+    says: Arc<watch::Sender<Blind>>,
+}
 
 impl Turn {
     /// No batch to wait for.
     pub fn now() -> Turn {
-        Turn(None)
+        Turn::default()
     }
 
     /// After the batch that sets `done` to true. Should it give up instead (drop the sender),
     /// this batch is abandoned too: it must not write ahead of one that was never written.
-    pub fn after(done: tokio::sync::watch::Receiver<bool>) -> Turn {
-        Turn(Some(done))
+    pub fn after(done: watch::Receiver<bool>) -> Turn {
+        Turn {
+            after: Some(done),
+            beside: None,
+        }
+    }
+
+    /// This turn, for a batch of a first snapshot whose first pass may go without waiting for
+    /// it: when it writes only blind inserts (no look-up, no key moved, no reference to
+    /// record), and no index of `indexes` can see one of their keys among the blind inserts of
+    /// the batch before (`before`, what that batch said). Its look-ups, its second pass and
+    /// anything else still wait. Returns where this batch says what it inserts blind.
+    ///
+    /// Why that keeps the result of writing the batches one after the other: an insert staging
+    /// takes writes nothing the batch before could have needed (its keys are its own), and one
+    /// staging refuses is planned again, after the batch before, as it would have been. See
+    /// `crate::apply::unique` for which keys count as the same.
+    pub fn beside(
+        self,
+        indexes: Arc<UniqueIndexes>,
+        before: Option<watch::Receiver<Blind>>,
+    ) -> (Turn, watch::Receiver<Blind>) {
+        let (says, said) = watch::channel(Blind::Pending);
+        let turn = Turn {
+            beside: Some(Beside {
+                indexes,
+                before,
+                says: Arc::new(says),
+            }),
+            ..self
+        };
+        (turn, said)
     }
 
     async fn wait(&self) -> Result<()> {
-        let Some(done) = &self.0 else {
+        let Some(done) = &self.after else {
             return Ok(());
         };
         match done.clone().wait_for(|done| *done).await {
@@ -88,6 +146,50 @@ impl Turn {
                  next run continues from the last batch saved)"
                     .into(),
             )),
+        }
+    }
+
+    /// Waits for the turn of a pass's writes, unless they may go beside the batch before (see
+    /// [`Turn::beside`]; `blind`: the writes when they are all blind inserts). The first pass
+    /// to get here says what the batch inserts blind, for the batch after it.
+    async fn wait_to_write(&self, blind: Option<&[PlannedWrite]>) -> Result<()> {
+        let Some(beside) = &self.beside else {
+            return self.wait().await;
+        };
+        let keys = blind.and_then(|writes| {
+            let docs = writes.iter().map(|w| match &w.op {
+                WriteOp::Insert(doc) => Some(doc),
+                _ => None,
+            });
+            let docs: Option<Vec<&Document>> = docs.collect();
+            beside.indexes.keys_of(docs?).map(Arc::new)
+        });
+        let said = keys.clone().map_or(Blind::Other, Blind::Inserts);
+        // Said once: a retry or a second pass writes no key the batch after could meet that the
+        // first pass's inserts did not hold already.
+        beside.says.send_if_modified(|b| {
+            let first = matches!(b, Blind::Pending);
+            if first {
+                *b = said;
+            }
+            first
+        });
+        let (Some(keys), Some(before)) = (keys, &beside.before) else {
+            return self.wait().await;
+        };
+        let mut before = before.clone();
+        let apart = tokio::select! {
+            turn = self.wait() => return turn,
+            // Gone without saying: the batch before failed, and the turn says so.
+            known = before.wait_for(|b| !matches!(b, Blind::Pending)) => match known {
+                Ok(b) => matches!(&*b, Blind::Inserts(k) if k.is_apart_from(&keys)),
+                Err(_) => false,
+            },
+        };
+        if apart {
+            Ok(())
+        } else {
+            self.wait().await
         }
     }
 }
@@ -727,7 +829,12 @@ impl Pipeline {
             looked_up_again,
         } = prepared;
         let set_aside_duplicate_keys = matches!(pass, Pass::First { .. });
-        turn.wait().await?;
+        let blind = set_aside_duplicate_keys
+            && plan.vacate.is_empty()
+            && unresolved.is_empty()
+            && !self.references.remaps();
+        turn.wait_to_write(blind.then_some(plan.writes.as_slice()))
+            .await?;
         self.references
             .before_writes(&plan.writes, &unresolved)
             .await?;

@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{MongoContext, Result, SyncError};
-use crate::pipeline::{BatchReport, Origin, Overlap, Pipeline, Turn};
+use crate::pipeline::{BatchReport, Blind, Origin, Overlap, Pipeline, Turn};
 use crate::plan::Novelty;
 use crate::source::change::Change;
 use crate::source::scan;
@@ -64,6 +65,12 @@ pub async fn snapshot_collection(
     } else {
         Novelty::Unknown
     };
+    // Staging's unique indexes, which tell when a blind batch may be written beside the one
+    // before it (`Turn::beside`).
+    let unique = match novelty {
+        Novelty::Everything => Some(Arc::new(crate::apply::unique_indexes(&cs.staging).await)),
+        _ => None,
+    };
     save_progress(cs, read_time, &last_id, copied, shutdown).await?;
     // The total is for the progress bar and log only, and some servers count the documents to
     // estimate it (a third of a second per 300 000 on secantusd-rs): the copy does not wait.
@@ -92,14 +99,24 @@ pub async fn snapshot_collection(
     let mut reader_done = false;
     // Two batches at a time: the one being written and the next, planned meanwhile. The next
     // waits for its turn before it reads or writes staging (`Turn`), so staging still sees the
-    // batches one after the other; with nothing to look up, the planning is what overlaps.
+    // batches one after the other; with nothing to look up, the planning is what overlaps —
+    // and, in a first copy, the blind inserts of two batches whose keys are apart.
     let mut copying: VecDeque<Copying> = VecDeque::with_capacity(2);
     loop {
         if copying.len() < 2 && !reader_done {
             match rx.recv().await {
                 Some(Ok(changes)) => {
                     let turn = copying.back().map_or_else(Turn::now, Copying::turn);
-                    copying.push_back(Copying::start(cs, changes, novelty, turn, shutdown));
+                    // Only while every document is new: a batch looked up waits its turn anyway.
+                    let (turn, says) = match &unique {
+                        Some(indexes) if novelty == Novelty::Everything => {
+                            let before = copying.back().and_then(|c| c.says.clone());
+                            let (turn, says) = turn.beside(indexes.clone(), before);
+                            (turn, Some(says))
+                        }
+                        _ => (turn, None),
+                    };
+                    copying.push_back(Copying::start(cs, changes, novelty, turn, says, shutdown));
                     continue;
                 }
                 Some(Err(e)) => {
@@ -194,6 +211,8 @@ struct Copying {
     done: watch::Receiver<bool>,
     count: usize,
     last_id: Option<Bson>,
+    /// What the batch inserts blind, once planned (see `Turn::beside`).
+    says: Option<watch::Receiver<Blind>>,
 }
 
 impl Copying {
@@ -202,6 +221,7 @@ impl Copying {
         changes: Vec<Change>,
         novelty: Novelty,
         turn: Turn,
+        says: Option<watch::Receiver<Blind>>,
         shutdown: &CancellationToken,
     ) -> Copying {
         let (done_tx, done) = watch::channel(false);
@@ -230,6 +250,7 @@ impl Copying {
             done,
             count,
             last_id,
+            says,
         }
     }
 

@@ -13,6 +13,7 @@ use common::{
     Engine, Pair, RunProcess, ORDERS,
 };
 use mongodb::bson::{doc, Bson, Document, Timestamp};
+use stagesync::source::change::Change;
 
 /// `stagesync verify`: exit code and stdout (the data; diagnostics go to stderr, which must
 /// never hold a panic).
@@ -619,38 +620,22 @@ async fn a_first_snapshot_in_overlapping_blind_batches_ends_where_looking_everyt
 /// A batch planned while the one before it is written waits for its turn before it touches
 /// staging: a one-copy batch started next to a thousand-copy one whose last copy has the same
 /// business key finishes planning long before, yet is written second — the first copy keeps
-/// the key, the second is dead-lettered as a collision.
+/// the key, the second is dead-lettered as a collision. Its blind insert would be allowed to
+/// go beside the batch before (`Turn::beside`), but not with a key that batch inserts too.
 #[tokio::test]
 async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
-    use stagesync::pipeline::{Origin, Overlap, Pipeline, Turn};
+    use stagesync::pipeline::{Origin, Overlap, Turn};
     use stagesync::plan::Novelty;
-    use stagesync::source::change::Change;
     let pair = Pair::start();
-    let (_, config) = pair.config("", ORDERS);
-    let ctx = stagesync::context::Context::connect(config.clone())
-        .await
-        .unwrap();
-    let pipeline = Pipeline::new(&ctx, &config.collections[0]);
-    let staging = pair.staging().await;
-    stagesync::apply::ensure_indexes(&staging, "orders", &pipeline.rules)
-        .await
-        .unwrap();
-    // Each batch is stamped with the production time it was read at.
-    let copy = |id: i32, email: &str, read_at: u32| {
-        let d = doc! { "_id": id, "userEmail": email, "accountId": 1 };
-        let read_time = Timestamp {
-            time: read_at,
-            increment: 1,
-        };
-        Change::from_snapshot(d, read_time, mongodb::bson::DateTime::now()).unwrap()
-    };
+    let (ctx, pipeline, staging) = blind_copier(&pair).await;
+    let indexes = Arc::new(stagesync::apply::unique_indexes(&staging).await);
     let first: Vec<Change> = (0..1000)
         .map(|i| copy(i, &format!("u{i}@x.org"), 100))
         .collect();
     let second = vec![copy(5000, "u999@x.org", 101)];
     let (done, first_done) = tokio::sync::watch::channel(false);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let now = Turn::now();
+    let (now, says) = Turn::now().beside(indexes.clone(), None);
     let a = async {
         let report = pipeline
             .apply_with_retry(
@@ -665,7 +650,7 @@ async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
         done.send(true).unwrap();
         report
     };
-    let after = Turn::after(first_done);
+    let (after, _) = Turn::after(first_done).beside(indexes, Some(says));
     let b = pipeline.apply_with_retry(
         &second,
         Origin::Snapshot,
@@ -678,15 +663,264 @@ async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
     let (b, a) = tokio::join!(b, a);
     assert_eq!(a.unwrap().unwrap().applied, 1000);
     assert_eq!(b.unwrap().unwrap().failed, 1, "the later copy collides");
-    let holder = find_by(
-        &staging.collection::<Document>("orders"),
-        doc! { "userEmail": "u999@x.org" },
-    )
-    .await;
+    let holder = find_by(&staging, doc! { "userEmail": "u999@x.org" }).await;
     assert_eq!(holder.len(), 1);
     assert_eq!(
         holder[0].get_document("_sync").unwrap().get_i32("id"),
         Ok(999)
     );
     ctx.shutdown().await;
+}
+
+/// The other side of `Turn::beside`: a blind batch whose keys no unique index of staging sees in
+/// the batch before it is written without waiting for that batch — here the batch before is
+/// only said to be written once this one is, so waiting would never end.
+#[tokio::test]
+async fn a_blind_batch_with_keys_apart_is_written_beside_the_batch_before_it() {
+    use stagesync::pipeline::{Origin, Overlap, Turn};
+    use stagesync::plan::Novelty;
+    let pair = Pair::start();
+    let (ctx, pipeline, staging) = blind_copier(&pair).await;
+    let indexes = Arc::new(stagesync::apply::unique_indexes(&staging).await);
+    let first: Vec<Change> = (0..1000)
+        .map(|i| copy(i, &format!("u{i}@x.org"), 100))
+        .collect();
+    let second = vec![copy(5000, "u5000@x.org", 101)];
+    let (done, first_done) = tokio::sync::watch::channel(false);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (now, says) = Turn::now().beside(indexes.clone(), None);
+    let (after, _) = Turn::after(first_done).beside(indexes, Some(says));
+    let a = pipeline.apply_with_retry(
+        &first,
+        Origin::Snapshot,
+        Novelty::Everything,
+        Overlap::none(),
+        &now,
+        &shutdown,
+    );
+    let b = async {
+        let report = tokio::time::timeout(
+            Duration::from_secs(60),
+            pipeline.apply_with_retry(
+                &second,
+                Origin::Snapshot,
+                Novelty::Everything,
+                Overlap::none(),
+                &after,
+                &shutdown,
+            ),
+        )
+        .await
+        .expect("the later batch waited for the one before it");
+        done.send(true).unwrap();
+        report
+    };
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!(a.unwrap().unwrap().applied, 1000);
+    assert_eq!(b.unwrap().unwrap().applied, 1);
+    assert_eq!(
+        staging
+            .count_documents(doc! { "_sync.id": { "$exists": true } })
+            .await
+            .unwrap(),
+        1001
+    );
+    ctx.shutdown().await;
+}
+
+/// A pipeline for `orders` of a first snapshot, with stagesync's indexes on staging.
+async fn blind_copier(
+    pair: &Pair,
+) -> (
+    stagesync::context::Context,
+    stagesync::pipeline::Pipeline,
+    mongodb::Collection<Document>,
+) {
+    let (_, config) = pair.config("", ORDERS);
+    let ctx = stagesync::context::Context::connect(config.clone())
+        .await
+        .unwrap();
+    let pipeline = stagesync::pipeline::Pipeline::new(&ctx, &config.collections[0]);
+    let staging = pair.staging().await;
+    stagesync::apply::ensure_indexes(&staging, "orders", &pipeline.rules)
+        .await
+        .unwrap();
+    (ctx, pipeline, staging.collection::<Document>("orders"))
+}
+
+/// A snapshot's copy of one document; each batch is stamped with the production time it was
+/// read at.
+fn copy(id: i32, email: &str, read_at: u32) -> Change {
+    let d = doc! { "_id": id, "userEmail": email, "accountId": 1 };
+    let read_time = Timestamp {
+        time: read_at,
+        increment: 1,
+    };
+    Change::from_snapshot(d, read_time, mongodb::bson::DateTime::now()).unwrap()
+}
+
+/// Blind batches written two at a time, as a first snapshot writes them (`Turn::beside`), after
+/// random delays that let either overtake the other, end where the same batches written one
+/// after the other end: production's business keys repeat across neighbouring batches (the
+/// later copy of a key must collide, whichever staging takes first), and staging-only documents
+/// hold keys and a production `_id` to be adopted or avoided.
+#[tokio::test]
+async fn blind_batches_written_beside_each_other_end_where_writing_them_in_turn_does() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use stagesync::pipeline::{Origin, Overlap, Pipeline, Turn};
+    use stagesync::plan::Novelty;
+    let pair = Pair::start();
+    for round in 0..5u64 {
+        let mut rng = StdRng::seed_from_u64(round);
+        let mut batches: Vec<Vec<Change>> = Vec::new();
+        let mut next_id = 0;
+        while next_id < 500 {
+            // Large batches next to tiny ones: a tiny one is the likeliest to overtake.
+            let size = if rng.random_bool(0.5) {
+                rng.random_range(1..4)
+            } else {
+                rng.random_range(60..200)
+            }
+            .min(500 - next_id);
+            let read_at = 100 + batches.len() as u32;
+            // Often a key the batch before ends with: where the race is closest.
+            let last_key = batches
+                .last()
+                .and_then(|b| b.last())
+                .and_then(|c| c.doc.as_ref())
+                .map(|d| d.get_str("userEmail").unwrap().to_string());
+            let key = |rng: &mut StdRng| match &last_key {
+                Some(k) if rng.random_bool(0.3) => k.clone(),
+                _ => format!("u{}@x.org", rng.random_range(0..160)),
+            };
+            batches.push(
+                (next_id..next_id + size)
+                    .map(|i| copy(i, &key(&mut rng), read_at))
+                    .collect(),
+            );
+            next_id += size;
+        }
+        let delays: Vec<u64> = batches.iter().map(|_| rng.random_range(0..6)).collect();
+        // Each way into a staging database of its own.
+        let copy_into = |way: &'static str| {
+            let (pair, batches, delays) = (&pair, &batches, &delays);
+            async move {
+                let staging_db = format!("{}_{way}{round}", pair.staging_db_name());
+                let meta_db = format!("{}_{way}{round}", pair.meta_db_name());
+                let text = pair
+                    .config_text("", ORDERS)
+                    .replace(&pair.staging_db_name(), &staging_db)
+                    .replace(&pair.meta_db_name(), &meta_db);
+                let path = pair.dir.path().join(format!("{way}{round}.toml"));
+                std::fs::write(&path, text).unwrap();
+                let config = Arc::new(stagesync::config::Config::load(&path).unwrap());
+                let ctx = stagesync::context::Context::connect(config.clone())
+                    .await
+                    .unwrap();
+                let pipeline = Pipeline::new(&ctx, &config.collections[0]);
+                let client = common::client(&pair.staging_uri).await;
+                let db = client.database(&staging_db);
+                stagesync::apply::ensure_indexes(&db, "orders", &pipeline.rules)
+                    .await
+                    .unwrap();
+                let staging = db.collection::<Document>("orders");
+                let mut seed: Vec<Document> = (0..12)
+                    .map(|i| doc! { "_id": format!("qa-{i}"), "userEmail": format!("u{}@x.org", i * 13), "accountId": 1, "qa": i })
+                    .collect();
+                seed.push(doc! { "_id": 7, "userEmail": "tester@x.org", "accountId": 99 });
+                staging.insert_many(seed).await.unwrap();
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                if way == "in_turn" {
+                    for batch in batches {
+                        let report = pipeline
+                            .apply_with_retry(
+                                batch,
+                                Origin::Snapshot,
+                                Novelty::Everything,
+                                Overlap::none(),
+                                &Turn::now(),
+                                &shutdown,
+                            )
+                            .await;
+                        assert!(matches!(report, Ok(Some(_))));
+                    }
+                } else {
+                    // As `snapshot_collection` does: at most two batches at once, the later one
+                    // after the earlier, or beside it.
+                    let indexes = Arc::new(stagesync::apply::unique_indexes(&staging).await);
+                    let mut before: Option<(
+                        tokio::sync::watch::Receiver<bool>,
+                        _,
+                        tokio::task::JoinHandle<()>,
+                    )> = None;
+                    for (batch, &delay) in batches.iter().zip(delays) {
+                        let (done_tx, done) = tokio::sync::watch::channel(false);
+                        let (turn, says) = match &before {
+                            Some((done, says, _)) => Turn::after(done.clone())
+                                .beside(indexes.clone(), Some(Clone::clone(says))),
+                            None => Turn::now().beside(indexes.clone(), None),
+                        };
+                        let (pipeline, batch, shutdown) =
+                            (pipeline.clone(), batch.clone(), shutdown.clone());
+                        let task = tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                            let report = pipeline
+                                .apply_with_retry(
+                                    &batch,
+                                    Origin::Snapshot,
+                                    Novelty::Everything,
+                                    Overlap::none(),
+                                    &turn,
+                                    &shutdown,
+                                )
+                                .await;
+                            assert!(matches!(report, Ok(Some(_))));
+                            done_tx.send(true).unwrap();
+                        });
+                        if let Some((_, _, earlier)) = before.take() {
+                            earlier.await.unwrap();
+                        }
+                        before = Some((done, says, task));
+                    }
+                    if let Some((_, _, last)) = before {
+                        last.await.unwrap();
+                    }
+                }
+                let mut rows: Vec<String> = all_docs(&staging)
+                    .await
+                    .into_iter()
+                    .map(|mut d| {
+                        if matches!(d.get("_id"), Some(Bson::ObjectId(_))) {
+                            d.insert("_id", "new");
+                        }
+                        d.to_string()
+                    })
+                    .collect();
+                rows.sort();
+                let dead_letters = client
+                    .database(&meta_db)
+                    .collection::<Document>("dead_letters")
+                    .count_documents(doc! {})
+                    .await
+                    .unwrap();
+                ctx.shutdown().await;
+                client.shutdown().await;
+                (rows, dead_letters)
+            }
+        };
+        let (beside, beside_dead) = copy_into("beside").await;
+        let (in_turn, in_turn_dead) = copy_into("in_turn").await;
+        assert!(
+            in_turn_dead > 0,
+            "round {round}: the keys repeat, some copies collide"
+        );
+        assert_eq!(
+            beside_dead, in_turn_dead,
+            "round {round}: the same copies are dead-lettered"
+        );
+        assert_eq!(beside.len(), in_turn.len(), "round {round}");
+        for (b, t) in beside.iter().zip(&in_turn) {
+            assert_eq!(b, t, "round {round}");
+        }
+    }
 }

@@ -7,6 +7,8 @@
 //! emits at most one write per staging document, so no two statements of a batch depend on
 //! each other, and chunks run concurrently.
 
+pub mod unique;
+
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -812,6 +814,33 @@ pub async fn existing_index_keys(db: &Database, collection: &str) -> Option<Vec<
     let indexes: Vec<mongodb::IndexModel> =
         coll.list_indexes().await.ok()?.try_collect().await.ok()?;
     Some(indexes.into_iter().map(|i| i.keys).collect())
+}
+
+/// The unique indexes of a staging collection (see [`unique`]); unknown when they cannot be
+/// read.
+pub async fn unique_indexes(coll: &mongodb::Collection<Document>) -> unique::UniqueIndexes {
+    use futures::TryStreamExt;
+    let listed: mongodb::error::Result<Vec<mongodb::IndexModel>> =
+        async { coll.list_indexes().await?.try_collect().await }.await;
+    let Ok(listed) = listed else {
+        return unique::UniqueIndexes::unknown();
+    };
+    let specs: Vec<Document> = listed
+        .into_iter()
+        .map(|index| {
+            let mut spec = doc! { "key": index.keys };
+            if let Some(options) = index.options {
+                if options.unique == Some(true) {
+                    spec.insert("unique", true);
+                }
+                if options.collation.is_some() {
+                    spec.insert("collation", doc! {});
+                }
+            }
+            spec
+        })
+        .collect();
+    unique::UniqueIndexes::from_specs(&specs)
 }
 
 #[cfg(test)]
