@@ -530,7 +530,7 @@ async fn snapshot_bench(
          one pair of local servers ({server}, {cores} cores).\n\n\
          | measurement | value |\n|---|---|\n\
          | staging raw `insert_many` of {n} small documents (batches of 1000, stagesync's indexes), before and after the snapshot | {raw} |\n\
-         | `stagesync snapshot` of {n} production documents (read, business-key look-up, merge, bulk write; checked by count) | {snap} |\n\
+         | `stagesync snapshot` of {n} production documents (read, merge, blind bulk insert; checked by count) | {snap} |\n\
          | snapshot rate / raw insert rate | {ratio:.2} |\n\
          | staging raw `insert_many` of the same documents shaped as stagesync writes them (production `_id`, `_sync`) | {shaped} |\n\
          | snapshot rate / shaped insert rate | {shaped_ratio:.2} |\n\

@@ -552,16 +552,8 @@ async fn a_first_snapshot_in_overlapping_blind_batches_ends_where_looking_everyt
     let copy = |name: &'static str, with_synced_document: bool| {
         let pair = &pair;
         async move {
-            let (staging_db, meta_db) = (
-                format!("{}_{name}", pair.staging_db_name()),
-                format!("{}_{name}", pair.meta_db_name()),
-            );
-            let text = pair
-                .config_text("snapshot_batch_size = 3", ORDERS)
-                .replace(&pair.staging_db_name(), &staging_db)
-                .replace(&pair.meta_db_name(), &meta_db);
-            let path = pair.dir.path().join(format!("{name}.toml"));
-            std::fs::write(&path, text).unwrap();
+            let (path, staging_db, meta_db) =
+                pair.config_into(name, "snapshot_batch_size = 3", ORDERS);
             let staging = common::client(&pair.staging_uri)
                 .await
                 .database(&staging_db)
@@ -805,14 +797,8 @@ async fn blind_batches_written_beside_each_other_end_where_writing_them_in_turn_
         let copy_into = |way: &'static str| {
             let (pair, batches, delays) = (&pair, &batches, &delays);
             async move {
-                let staging_db = format!("{}_{way}{round}", pair.staging_db_name());
-                let meta_db = format!("{}_{way}{round}", pair.meta_db_name());
-                let text = pair
-                    .config_text("", ORDERS)
-                    .replace(&pair.staging_db_name(), &staging_db)
-                    .replace(&pair.meta_db_name(), &meta_db);
-                let path = pair.dir.path().join(format!("{way}{round}.toml"));
-                std::fs::write(&path, text).unwrap();
+                let (path, staging_db, meta_db) =
+                    pair.config_into(&format!("{way}{round}"), "", ORDERS);
                 let config = Arc::new(stagesync::config::Config::load(&path).unwrap());
                 let ctx = stagesync::context::Context::connect(config.clone())
                     .await

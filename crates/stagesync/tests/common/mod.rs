@@ -112,6 +112,26 @@ impl Pair {
         )
     }
 
+    /// A config file like [`Pair::config_text`]'s, written into the test's directory, whose
+    /// staging and metadata databases are suffixed with `_{name}`: copies of the same
+    /// production side by side. Returns its path and the two database names.
+    pub fn config_into(
+        &self,
+        name: &str,
+        sync_extra: &str,
+        rest: &str,
+    ) -> (PathBuf, String, String) {
+        let staging_db = format!("{}_{name}", self.staging_db_name());
+        let meta_db = format!("{}_{name}", self.meta_db_name());
+        let text = self
+            .config_text(sync_extra, rest)
+            .replace(&self.staging_db_name(), &staging_db)
+            .replace(&self.meta_db_name(), &meta_db);
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        (path, staging_db, meta_db)
+    }
+
     /// Writes a config file into the test's directory and loads it.
     pub fn config(&self, sync_extra: &str, rest: &str) -> (PathBuf, Arc<Config>) {
         let path = self
