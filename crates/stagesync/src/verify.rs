@@ -257,11 +257,7 @@ pub async fn duplicate_keys(
         .enumerate()
         .map(|(i, f)| (format!("k{i}"), Bson::String(format!("${f}"))))
         .collect();
-    let present: Document = rules
-        .business_key
-        .iter()
-        .map(|f| (f.clone(), Bson::Document(doc! { "$exists": true })))
-        .collect();
+    let present = rules.has_key_filter();
     let mut groups = staging
         .aggregate(vec![
             doc! { "$match": present },

@@ -616,52 +616,29 @@ async fn a_first_snapshot_in_overlapping_blind_batches_ends_where_looking_everyt
 /// go beside the batch before (`Turn::beside`), but not with a key that batch inserts too.
 #[tokio::test]
 async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
-    use stagesync::pipeline::{Origin, Overlap, Turn};
-    use stagesync::plan::Novelty;
     let pair = Pair::start();
-    let (ctx, pipeline, staging) = blind_copier(&pair).await;
-    let indexes = Arc::new(stagesync::apply::unique_indexes(&staging).await);
+    let two = TwoBlindBatches::start(&pair).await;
     let first: Vec<Change> = (0..1000)
         .map(|i| copy(i, &format!("u{i}@x.org"), 100))
         .collect();
     let second = vec![copy(5000, "u999@x.org", 101)];
-    let (done, first_done) = tokio::sync::watch::channel(false);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (now, says) = Turn::now().beside(indexes.clone(), None);
     let a = async {
-        let report = pipeline
-            .apply_with_retry(
-                &first,
-                Origin::Snapshot,
-                Novelty::Everything,
-                Overlap::none(),
-                &now,
-                &shutdown,
-            )
-            .await;
-        done.send(true).unwrap();
+        let report = two.write(&first, &two.first).await;
+        two.first_done.send(true).unwrap();
         report
     };
-    let (after, _) = Turn::after(first_done).beside(indexes, Some(says));
-    let b = pipeline.apply_with_retry(
-        &second,
-        Origin::Snapshot,
-        Novelty::Everything,
-        Overlap::none(),
-        &after,
-        &shutdown,
-    );
+    let b = two.write(&second, &two.second);
     // The later batch is polled first: without its turn it would be written first.
     let (b, a) = tokio::join!(b, a);
     assert_eq!(a.unwrap().unwrap().applied, 1000);
     assert_eq!(b.unwrap().unwrap().failed, 1, "the later copy collides");
-    let holder = find_by(&staging, doc! { "userEmail": "u999@x.org" }).await;
+    let holder = find_by(&two.staging, doc! { "userEmail": "u999@x.org" }).await;
     assert_eq!(holder.len(), 1);
     assert_eq!(
         holder[0].get_document("_sync").unwrap().get_i32("id"),
         Ok(999)
     );
-    ctx.shutdown().await;
+    two.ctx.shutdown().await;
 }
 
 /// The other side of `Turn::beside`: a blind batch whose keys no unique index of staging sees in
@@ -669,75 +646,100 @@ async fn a_batch_planned_ahead_is_written_after_the_batch_before_it() {
 /// only said to be written once this one is, so waiting would never end.
 #[tokio::test]
 async fn a_blind_batch_with_keys_apart_is_written_beside_the_batch_before_it() {
-    use stagesync::pipeline::{Origin, Overlap, Turn};
-    use stagesync::plan::Novelty;
     let pair = Pair::start();
-    let (ctx, pipeline, staging) = blind_copier(&pair).await;
-    let indexes = Arc::new(stagesync::apply::unique_indexes(&staging).await);
+    let two = TwoBlindBatches::start(&pair).await;
     let first: Vec<Change> = (0..1000)
         .map(|i| copy(i, &format!("u{i}@x.org"), 100))
         .collect();
     let second = vec![copy(5000, "u5000@x.org", 101)];
-    let (done, first_done) = tokio::sync::watch::channel(false);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (now, says) = Turn::now().beside(indexes.clone(), None);
-    let (after, _) = Turn::after(first_done).beside(indexes, Some(says));
-    let a = pipeline.apply_with_retry(
-        &first,
-        Origin::Snapshot,
-        Novelty::Everything,
-        Overlap::none(),
-        &now,
-        &shutdown,
-    );
+    let a = two.write(&first, &two.first);
     let b = async {
-        let report = tokio::time::timeout(
-            Duration::from_secs(60),
-            pipeline.apply_with_retry(
-                &second,
-                Origin::Snapshot,
-                Novelty::Everything,
-                Overlap::none(),
-                &after,
-                &shutdown,
-            ),
-        )
-        .await
-        .expect("the later batch waited for the one before it");
-        done.send(true).unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(60), two.write(&second, &two.second))
+            .await
+            .expect("the later batch waited for the one before it");
+        two.first_done.send(true).unwrap();
         report
     };
     let (a, b) = tokio::join!(a, b);
     assert_eq!(a.unwrap().unwrap().applied, 1000);
     assert_eq!(b.unwrap().unwrap().applied, 1);
     assert_eq!(
-        staging
+        two.staging
             .count_documents(doc! { "_sync.id": { "$exists": true } })
             .await
             .unwrap(),
         1001
     );
-    ctx.shutdown().await;
+    two.ctx.shutdown().await;
 }
 
-/// A pipeline for `orders` of a first snapshot, with stagesync's indexes on staging.
-async fn blind_copier(
-    pair: &Pair,
-) -> (
-    stagesync::context::Context,
-    stagesync::pipeline::Pipeline,
-    mongodb::Collection<Document>,
-) {
-    let (_, config) = pair.config("", ORDERS);
-    let ctx = stagesync::context::Context::connect(config.clone())
+/// Two batches of a first snapshot into `orders` (stagesync's indexes on staging): the second
+/// after the first (`first_done`) or beside it (`Turn::beside`).
+struct TwoBlindBatches {
+    ctx: stagesync::context::Context,
+    pipeline: stagesync::pipeline::Pipeline,
+    staging: mongodb::Collection<Document>,
+    first: stagesync::pipeline::Turn,
+    second: stagesync::pipeline::Turn,
+    first_done: tokio::sync::watch::Sender<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl TwoBlindBatches {
+    async fn start(pair: &Pair) -> TwoBlindBatches {
+        use stagesync::pipeline::Turn;
+        let (_, config) = pair.config("", ORDERS);
+        let ctx = stagesync::context::Context::connect(config.clone())
+            .await
+            .unwrap();
+        let pipeline = stagesync::pipeline::Pipeline::new(&ctx, &config.collections[0]);
+        let db = pair.staging().await;
+        stagesync::apply::ensure_indexes(&db, "orders", &pipeline.rules)
+            .await
+            .unwrap();
+        let staging = db.collection::<Document>("orders");
+        let indexes = Arc::new(stagesync::apply::unique_indexes(&staging).await);
+        let (first_done, done) = tokio::sync::watch::channel(false);
+        let (first, says) = Turn::now().beside(indexes.clone(), None);
+        let (second, _) = Turn::after(done).beside(indexes, Some(says));
+        TwoBlindBatches {
+            ctx,
+            pipeline,
+            staging,
+            first,
+            second,
+            first_done,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    async fn write(
+        &self,
+        batch: &[Change],
+        turn: &stagesync::pipeline::Turn,
+    ) -> stagesync::error::Result<Option<stagesync::pipeline::BatchReport>> {
+        copy_blind(&self.pipeline, batch, turn, &self.shutdown).await
+    }
+}
+
+/// Writes a batch of a first snapshot's copies (nothing looked up first).
+async fn copy_blind(
+    pipeline: &stagesync::pipeline::Pipeline,
+    batch: &[Change],
+    turn: &stagesync::pipeline::Turn,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> stagesync::error::Result<Option<stagesync::pipeline::BatchReport>> {
+    use stagesync::pipeline::{Origin, Overlap};
+    pipeline
+        .apply_with_retry(
+            batch,
+            Origin::Snapshot,
+            stagesync::plan::Novelty::Everything,
+            Overlap::none(),
+            turn,
+            shutdown,
+        )
         .await
-        .unwrap();
-    let pipeline = stagesync::pipeline::Pipeline::new(&ctx, &config.collections[0]);
-    let staging = pair.staging().await;
-    stagesync::apply::ensure_indexes(&staging, "orders", &pipeline.rules)
-        .await
-        .unwrap();
-    (ctx, pipeline, staging.collection::<Document>("orders"))
 }
 
 /// A snapshot's copy of one document; each batch is stamped with the production time it was
@@ -759,8 +761,7 @@ fn copy(id: i32, email: &str, read_at: u32) -> Change {
 #[tokio::test]
 async fn blind_batches_written_beside_each_other_end_where_writing_them_in_turn_does() {
     use rand::{rngs::StdRng, Rng, SeedableRng};
-    use stagesync::pipeline::{Origin, Overlap, Pipeline, Turn};
-    use stagesync::plan::Novelty;
+    use stagesync::pipeline::{Pipeline, Turn};
     let pair = Pair::start();
     for round in 0..5u64 {
         let mut rng = StdRng::seed_from_u64(round);
@@ -818,16 +819,7 @@ async fn blind_batches_written_beside_each_other_end_where_writing_them_in_turn_
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 if way == "in_turn" {
                     for batch in batches {
-                        let report = pipeline
-                            .apply_with_retry(
-                                batch,
-                                Origin::Snapshot,
-                                Novelty::Everything,
-                                Overlap::none(),
-                                &Turn::now(),
-                                &shutdown,
-                            )
-                            .await;
+                        let report = copy_blind(&pipeline, batch, &Turn::now(), &shutdown).await;
                         assert!(matches!(report, Ok(Some(_))));
                     }
                 } else {
@@ -850,16 +842,7 @@ async fn blind_batches_written_beside_each_other_end_where_writing_them_in_turn_
                             (pipeline.clone(), batch.clone(), shutdown.clone());
                         let task = tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(delay)).await;
-                            let report = pipeline
-                                .apply_with_retry(
-                                    &batch,
-                                    Origin::Snapshot,
-                                    Novelty::Everything,
-                                    Overlap::none(),
-                                    &turn,
-                                    &shutdown,
-                                )
-                                .await;
+                            let report = copy_blind(&pipeline, &batch, &turn, &shutdown).await;
                             assert!(matches!(report, Ok(Some(_))));
                             done_tx.send(true).unwrap();
                         });

@@ -768,11 +768,7 @@ pub fn index_specs(rules: &Rules) -> Vec<Document> {
         .iter()
         .map(|f| (f.clone(), Bson::Int32(1)))
         .collect();
-    let partial: Document = rules
-        .business_key
-        .iter()
-        .map(|f| (f.clone(), Bson::Document(doc! { "$exists": true })))
-        .collect();
+    let partial = rules.has_key_filter();
     vec![
         doc! { "key": key, "name": "stagesync_business_key", "unique": true, "partialFilterExpression": partial },
         doc! { "key": { rules.meta_path("id"): 1 }, "name": "stagesync_production_id" },

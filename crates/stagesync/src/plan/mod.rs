@@ -91,6 +91,15 @@ impl Rules {
         format!("{}.{sub}", self.meta_field)
     }
 
+    /// The query for documents that have every business-key field (those the unique
+    /// business-key index holds: it is partial on exactly this).
+    pub fn has_key_filter(&self) -> Document {
+        self.business_key
+            .iter()
+            .map(|f| (f.clone(), Bson::Document(doc! { "$exists": true })))
+            .collect()
+    }
+
     /// The business key of a document, or the first key field it lacks.
     pub fn key_of(&self, doc: &Document) -> Result<BusinessKey, String> {
         self.key_values(doc)
